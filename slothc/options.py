@@ -1,0 +1,73 @@
+"""Backend options: parsed once, validated, immutable.
+
+``torch.compile(model, backend="slothc", options={...})`` hands the dict to the backend. Each key is
+checked: an unknown key or a bad value raises ``ValueError`` naming what is valid, so a typo never
+turns into a silently unfused model.
+
+Keys
+----
+``<fusion name>`` (bool)
+    Enable or disable one fusion (``rms_norm``, ``layer_norm``, ...). Every fusion this version
+    implements is on by default.
+``inner`` (str)
+    The compiler that runs after the fusion passes: ``"inductor"`` (default), ``"aot_eager"`` or
+    ``"eager"`` (the last two are for debugging).
+``report`` (bool)
+    Log the fusion report of every compiled graph at compile time (default False).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# One name per fusion: option key, report key and op name ``slothc::<name>``.
+FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy")
+# The fusions this version ships; the others are reserved names.
+IMPLEMENTED = ("rms_norm", "layer_norm")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    enabled: frozenset = frozenset(IMPLEMENTED)
+    inner: str = "inductor"
+    report: bool = False
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "Options":
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
+        valid_keys = (*FUSIONS, "inner", "report")
+        enabled = set(IMPLEMENTED)
+        inner, report = "inductor", False
+        for key, value in options.items():
+            if key in FUSIONS:
+                _expect_bool(key, value)
+                if value and key not in IMPLEMENTED:
+                    raise ValueError(
+                        f"slothc option {key!r}: this fusion is not available in this version "
+                        f"(available: {', '.join(IMPLEMENTED)}); set it to False or leave it out"
+                    )
+                (enabled.add if value else enabled.discard)(key)
+            elif key == "inner":
+                if value not in INNER_COMPILERS:
+                    raise ValueError(
+                        f"slothc option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {value!r}"
+                    )
+                inner = value
+            elif key == "report":
+                _expect_bool(key, value)
+                report = value
+            else:
+                raise ValueError(f"unknown slothc option {key!r}; valid options: {', '.join(valid_keys)}")
+        return cls(enabled=frozenset(enabled), inner=inner, report=report)
+
+
+def _expect_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"slothc option {key!r} must be True or False, got {value!r}")
