@@ -1,0 +1,60 @@
+"""Node metadata: the fake tensor Dynamo records on each node, and keeping it right for new nodes.
+
+Dynamo stores the fake value of a node under ``meta["example_value"]``; AOTAutograd and Inductor use
+``meta["val"]``. Pattern graphs (traced from plain functions) carry none: :func:`val` is then None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+from torch.fx.node import map_arg
+
+_META_KEYS = ("val", "example_value")
+_INHERITED = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
+
+
+def val(arg):
+    """The fake value recorded for ``arg`` if it is a node, else ``arg`` itself (a literal)."""
+    if isinstance(arg, Node):
+        for key in _META_KEYS:
+            if key in arg.meta:
+                return arg.meta[key]
+        return None
+    return arg
+
+
+def copy_meta(src: Node, dst: Node) -> None:
+    for key in (*_META_KEYS, *_INHERITED):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def fake_mode_of(values):
+    for v in values:
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def propagate(nodes: list, like: Node) -> bool:
+    """Compute fake values for freshly inserted ``nodes`` (in order) by running their targets on the
+    fake values of their inputs; copy module-stack metadata from ``like``. False if it could not."""
+    key = next((k for k in _META_KEYS if k in like.meta), "example_value")
+    for node in nodes:
+        for k in _INHERITED:
+            if k in like.meta:
+                node.meta[k] = like.meta[k]
+        args = map_arg(node.args, val)
+        kwargs = map_arg(node.kwargs, val)
+        mode = fake_mode_of([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+        if mode is None:
+            return False
+        with mode:
+            if node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                result = node.target(*args, **kwargs)
+        node.meta[key] = result
+    return True

@@ -1,0 +1,158 @@
+"""RMSNorm: the spellings real models use, rewritten to ``slothc::rms_norm``.
+
+    out = weight (*) (x / sqrt(mean(x^2, -1) + eps))
+
+Spellings (all after normalization, so ``x.float()``, ``pow``/``x*x``, ``rsqrt``/``1/sqrt`` ...
+are alike):
+
+- ``llama`` (Llama, Mistral, Qwen2/3 incl. per-head q/k norms, Phi-3, Granite, ...): upcast, normalize,
+  cast back to the input dtype, then ``weight *`` (result in ``promote(weight, x)``).
+- ``weight_then_cast`` (OLMo2): ``(weight * normalized).to(x.dtype)``: weight applied in fp32.
+- ``gemma`` (Gemma 1/2/3 incl. q/k norms): ``(normalized * (offset + weight.float())).type_as(x)``.
+- ``no_weight``: upcast, normalize, cast back; no scale.
+- ``fp32``: no casts at all: only fused when the input is fp32 (in half precision eager would
+  compute in half precision, which the fused kernel does not reproduce).
+
+Known near-misses are reported, never approximated: eps added after the rsqrt or after the sqrt, a
+norm over a dim other than the last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from slothc.passes.matcher import Rule, RuleSet
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+EPS_AFTER_RSQRT = "eps added after rsqrt"
+EPS_AFTER_SQRT = "eps added after sqrt"
+NOT_LAST_DIM = "normalized over a dim other than the last"
+NOT_A_TENSOR = "input is not a tensor"
+UNSUPPORTED_DTYPE = "input dtype is not fp32, bf16 or fp16"
+HALF_WITHOUT_UPCAST = "computed in half precision without an upcast"
+SYMBOLIC_HIDDEN = "normalized size is symbolic"
+EPS_NOT_CONSTANT = "eps is not a constant"
+OFFSET_NOT_CONSTANT = "weight offset is not a constant"
+WEIGHT_SHAPE = "weight shape is not (hidden,)"
+WEIGHT_DTYPE = "weight dtype is not fp32, bf16 or fp16"
+UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
+
+
+# -- patterns ----------------------------------------------------------------------------------------
+
+
+def _rms_norm_llama_pattern(x, weight, eps, dim):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rms_norm_weight_then_cast_pattern(x, weight, eps, dim):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+def _rms_norm_gemma_pattern(x, weight, eps, dim, offset):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
+    h = h * (offset + weight.float())
+    return h.type_as(x)
+
+
+def _rms_norm_no_weight_pattern(x, eps, dim):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
+    return h.to(x.dtype)
+
+
+def _rms_norm_fp32_pattern(x, eps, dim):
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+
+
+def _rms_norm_eps_after_rsqrt_pattern(x, eps, dim):
+    return x * (torch.rsqrt(x.pow(2).mean(dim, keepdim=True)) + eps)
+
+
+def _rms_norm_eps_after_sqrt_pattern(x, eps, dim):
+    return x / (torch.sqrt(x.pow(2).mean(dim, keepdim=True)) + eps)
+
+
+# -- replacements ------------------------------------------------------------------------------------
+
+
+def _rms_norm_llama_replacement(m, x, weight, eps, dim):
+    return torch.ops.slothc.rms_norm(x, weight, float(eps), 0.0, True)
+
+
+def _rms_norm_weight_then_cast_replacement(m, x, weight, eps, dim):
+    return torch.ops.slothc.rms_norm(x, weight, float(eps), 0.0, False)
+
+
+def _rms_norm_gemma_replacement(m, x, weight, eps, dim, offset):
+    return torch.ops.slothc.rms_norm(x, weight, float(eps), float(offset), False)
+
+
+def _rms_norm_no_weight_replacement(m, x, eps, dim):
+    return torch.ops.slothc.rms_norm(x, None, float(eps), 0.0, True)
+
+
+_rms_norm_fp32_replacement = _rms_norm_no_weight_replacement
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def _rms_norm_check(m) -> str | None:
+    x = m.val("x")
+    if not isinstance(x, torch.Tensor):
+        return NOT_A_TENSOR
+    if x.dtype not in SUPPORTED_DTYPES:
+        return UNSUPPORTED_DTYPE
+    if x.device.type not in ("cuda", "cpu"):
+        return UNSUPPORTED_DEVICE
+    dim = m["dim"]
+    if not isinstance(dim, int) or dim not in (-1, x.dim() - 1):
+        return NOT_LAST_DIM
+    if not isinstance(x.shape[-1], int):
+        return SYMBOLIC_HIDDEN
+    if isinstance(m["eps"], Node) or not isinstance(m["eps"], (int, float)):
+        return EPS_NOT_CONSTANT
+    if "offset" in m.captures and (isinstance(m["offset"], Node) or not isinstance(m["offset"], (int, float))):
+        return OFFSET_NOT_CONSTANT
+    if "weight" in m.captures:
+        weight = m.val("weight")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],):
+            return WEIGHT_SHAPE
+        if weight.dtype not in SUPPORTED_DTYPES:
+            return WEIGHT_DTYPE
+    return None
+
+
+def _rms_norm_fp32_check(m) -> str | None:
+    x = m.val("x")
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+        return HALF_WITHOUT_UPCAST
+    return _rms_norm_check(m)
+
+
+def _always(reason):
+    def check(m) -> str:
+        return reason
+
+    return check
+
+
+RULES = RuleSet(
+    [
+        Rule("rms_norm", "llama", _rms_norm_llama_pattern, _rms_norm_llama_replacement, _rms_norm_check),
+        Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
+        Rule("rms_norm", "gemma", _rms_norm_gemma_pattern, _rms_norm_gemma_replacement, _rms_norm_check),
+        Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),
+        Rule("rms_norm", "fp32", _rms_norm_fp32_pattern, _rms_norm_fp32_replacement, _rms_norm_fp32_check),
+        Rule("rms_norm", "eps_after_rsqrt", _rms_norm_eps_after_rsqrt_pattern, None, _always(EPS_AFTER_RSQRT)),
+        Rule("rms_norm", "eps_after_sqrt", _rms_norm_eps_after_sqrt_pattern, None, _always(EPS_AFTER_SQRT)),
+    ]
+)
