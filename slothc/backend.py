@@ -22,7 +22,7 @@ from slothc.report import Report, emit
 def slothc(gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None):
     """Dynamo backend entry point: rewrite ``gm`` and hand it to the inner compiler."""
     opts = Options.from_dict(options)
-    report = Report()
+    report = opts.collect if opts.collect is not None else Report()
     compiled = compile_graph(gm, example_inputs, opts, report)
     if opts.report:
         emit(report)

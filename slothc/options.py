@@ -12,8 +12,10 @@ Keys
 ``inner`` (str)
     The compiler that runs after the fusion passes: ``"inductor"`` (default), ``"aot_eager"`` or
     ``"eager"`` (the last two are for debugging).
-``report`` (bool)
-    Log the fusion report of every compiled graph at compile time (default False).
+``report`` (bool or :class:`slothc.Report`)
+    True: log the fusion report of every compiled graph at compile time (default False). A
+    ``Report`` instance: collect the sites and skips of every graph compiled with these options
+    into it (nothing is logged), e.g. to assert in a test what a real training compile fused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Options:
     enabled: frozenset = frozenset(IMPLEMENTED)
     inner: str = "inductor"
     report: bool = False
+    collect: Any = dataclasses.field(default=None, compare=False)  # a Report that every compiled graph records into (``report=Report()``)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "Options":
@@ -44,7 +47,7 @@ class Options:
             raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
         valid_keys = (*FUSIONS, "inner", "report")
         enabled = set(IMPLEMENTED)
-        inner, report = "inductor", False
+        inner, report, collect = "inductor", False, None
         for key, value in options.items():
             if key in FUSIONS:
                 _expect_bool(key, value)
@@ -61,13 +64,19 @@ class Options:
                     )
                 inner = value
             elif key == "report":
-                _expect_bool(key, value)
-                report = value
+                from slothc.report import Report
+
+                if isinstance(value, Report):
+                    collect = value
+                else:
+                    _expect_bool(key, value)
+                    report = value
             else:
                 raise ValueError(f"unknown slothc option {key!r}; valid options: {', '.join(valid_keys)}")
-        return cls(enabled=frozenset(enabled), inner=inner, report=report)
+        return cls(enabled=frozenset(enabled), inner=inner, report=report, collect=collect)
 
 
 def _expect_bool(key: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"slothc option {key!r} must be True or False, got {value!r}")
+        extra = " or a slothc.Report" if key == "report" else ""
+        raise ValueError(f"slothc option {key!r} must be True or False{extra}, got {value!r}")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+import slothc.kernels.layer_norm  # noqa: F401  (registers torch.ops.slothc.layer_norm)
 from slothc.passes.matcher import Rule, RuleSet
 from slothc.passes.rms_norm import SUPPORTED_DTYPES, UNSUPPORTED_DEVICE, UNSUPPORTED_DTYPE
 

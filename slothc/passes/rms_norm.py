@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+import slothc.kernels.rms_norm  # noqa: F401  (registers torch.ops.slothc.rms_norm)
 from slothc.passes.matcher import Rule, RuleSet
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,11 +146,13 @@ def _always(reason):
     return check
 
 
+# Order matters: a more specific spelling before one it contains (gemma's ``offset + weight`` would
+# also pass as the weight of ``weight_then_cast``; the fused result would be the same, the label not).
 RULES = RuleSet(
     [
         Rule("rms_norm", "llama", _rms_norm_llama_pattern, _rms_norm_llama_replacement, _rms_norm_check),
-        Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "gemma", _rms_norm_gemma_pattern, _rms_norm_gemma_replacement, _rms_norm_check),
+        Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),
         Rule("rms_norm", "fp32", _rms_norm_fp32_pattern, _rms_norm_fp32_replacement, _rms_norm_fp32_check),
         Rule("rms_norm", "eps_after_rsqrt", _rms_norm_eps_after_rsqrt_pattern, None, _always(EPS_AFTER_RSQRT)),

@@ -1,0 +1,160 @@
+"""End to end: tiny random-initialised models with PEFT LoRA, compiled with ``backend="slothc"``.
+
+For each architecture: the report shows every norm of the model fused, and one training step (loss
+and every LoRA gradient) matches eager, judged against a float64 run of the same model: the slothc
+error may not exceed a small multiple of eager's own error. With and without bf16 autocast (fp32
+adapters, as the HF Trainer runs it), and with gradient checkpointing (norms inside the checkpoint
+higher-order op).
+
+On CPU the slothc ops run their torch reference here (what a CPU user gets), except in
+``test_triton_kernels_in_a_training_step``, which runs the Triton kernels in the interpreter (slow:
+one model only); the kernels themselves are covered in tests/kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GemmaConfig, GPTNeoXConfig, LlamaConfig, Qwen3Config
+
+import slothc
+from slothc.testing import float64_mode
+
+LAYERS = 2
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=128)
+
+# arch -> (config, {fusion: expected number of fused sites})
+ARCHS = {
+    "llama": (LlamaConfig(**COMMON, num_key_value_heads=2), {"rms_norm": 2 * LAYERS + 1}),
+    # Qwen3: per-head q/k norms on top of the two per layer
+    "qwen3": (Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16), {"rms_norm": 4 * LAYERS + 1}),
+    # Gemma: (1 + weight) in fp32, cast at the end
+    "gemma": (GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16), {"rms_norm": 2 * LAYERS + 1}),
+    # GPT-NeoX: nn.LayerNorm with bias
+    "gpt_neox": (GPTNeoXConfig(**COMMON), {"layer_norm": 2 * LAYERS + 1}),
+}
+
+
+def _lora_model(config, seed=0):
+    torch.manual_seed(seed)
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config)
+    # init_lora_weights=False: B is random too, so every LoRA gradient is non-zero and compared
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(model, lora)
+
+
+def _batch(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, labels=labels)
+
+
+def _step(model, batch, autocast: bool, fp64: bool = False):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx, (float64_mode() if fp64 else contextlib.nullcontext()):
+        loss = model(**batch).loss
+        loss.backward()
+    grads = {n.replace("_orig_mod.", ""): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), grads
+
+
+def _assert_close_to_reference(name, fused, eager, ref, k):
+    """max|fused - ref| <= k * max|eager - ref| + a floor of fp32 rounding of the reference."""
+    fused, eager, ref = (t.double() for t in (fused, eager, ref))
+    err_fused = (fused - ref).abs().max().item()
+    err_eager = (eager - ref).abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    assert err_fused <= k * err_eager + floor, f"{name}: slothc error {err_fused:.3g} > {k} x eager error {err_eager:.3g} + {floor:.3g}"
+
+
+@pytest.fixture
+def reference_ops_on_cpu(monkeypatch):
+    """Run the ops' torch reference on CPU, not the Triton interpreter (see the module docstring)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _check_training_step(config, autocast, options, gradient_checkpointing=False):
+    """One training step, slothc vs eager vs float64; returns the compile's fusion report."""
+    base = _lora_model(config)
+    ref_model = copy.deepcopy(base).double()  # float64_mode does not reach checkpoint recomputation
+    if gradient_checkpointing:
+        base.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.base_model.model.train()
+    batch = _batch(config)
+    eager_model, fused_model = copy.deepcopy(base), copy.deepcopy(base)
+
+    ref_loss, ref_grads = _step(ref_model, batch, autocast=False, fp64=True)
+    eager_loss, eager_grads = _step(eager_model, batch, autocast)
+    report = slothc.Report()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_model, backend="slothc", options={**options, "report": report})
+    fused_loss, fused_grads = _step(compiled, batch, autocast)
+    torch._dynamo.reset()
+
+    k = 2.0 if not autocast else 3.0
+    _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k)
+    if not autocast:
+        torch.testing.assert_close(fused_loss, eager_loss)
+    for name in ref_grads:
+        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref_grads[name], k + 1)
+    return report
+
+
+def _assert_every_norm_fused(report, expected):
+    for fusion, count in expected.items():
+        assert report.count(fusion) == count, str(report)
+    assert not [s for s in report.skipped if s.fusion in expected], str(report)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_step_matches_eager_and_every_norm_is_fused(arch, autocast, reference_ops_on_cpu):
+    config, expected = ARCHS[arch]
+    report = _check_training_step(config, autocast, {"inner": "aot_eager"})
+    _assert_every_norm_fused(report, expected)
+
+
+def test_gradient_checkpointing_norms_fused_inside_the_checkpoint(reference_ops_on_cpu):
+    config, expected = ARCHS["llama"]
+    report = _check_training_step(config, False, {"inner": "aot_eager"}, gradient_checkpointing=True)
+    _assert_every_norm_fused(report, expected)
+
+
+def test_triton_kernels_in_a_training_step():
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    config, expected = ARCHS["llama"]
+    report = _check_training_step(config, True, {"inner": "aot_eager"})
+    _assert_every_norm_fused(report, expected)
+
+
+def test_inductor_inner_compiler(reference_ops_on_cpu):
+    config, expected = ARCHS["llama"]
+    report = _check_training_step(config, True, {"inner": "inductor"})
+    _assert_every_norm_fused(report, expected)
+
+
+def test_explain_reports_every_norm():
+    config, expected = ARCHS["qwen3"]
+    model = _lora_model(config)
+    report = slothc.explain(model, **_batch(config))
+    _assert_every_norm_fused(report, expected)
+    assert all(p.grad is None for p in model.parameters())  # explain leaves no gradients behind
+
+
+def test_backend_string_is_found_through_the_entry_point():
+    from torch._dynamo import list_backends, lookup_backend
+
+    assert "slothc" in list_backends(exclude_tags=())
+    assert lookup_backend("slothc") is slothc.backend.slothc

@@ -1,0 +1,71 @@
+"""Backend options are validated: a typo is an error that lists what is valid, never a silent no-op."""
+
+import pytest
+import torch
+
+import slothc
+from slothc.options import FUSIONS, IMPLEMENTED, Options
+
+
+def test_defaults_enable_every_implemented_fusion():
+    opts = Options.from_dict(None)
+    assert opts.enabled == frozenset(IMPLEMENTED) and opts.inner == "inductor" and opts.report is False
+
+
+def test_fusion_can_be_disabled():
+    assert "rms_norm" not in Options.from_dict({"rms_norm": False}).enabled
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rmsnorm": True}, "unknown slothc option 'rmsnorm'; valid options: rms_norm"),
+        ({"inner": "tvm"}, "'inner' must be one of 'inductor', 'aot_eager', 'eager'"),
+        ({"report": "yes"}, "'report' must be True or False"),
+        ({"rms_norm": 1}, "'rms_norm' must be True or False"),
+        ("rms_norm", "options must be a dict"),
+    ],
+)
+def test_bad_options_raise_with_valid_choices(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Options.from_dict(options)
+
+
+def test_unimplemented_fusion_cannot_be_enabled():
+    missing = next(f for f in FUSIONS if f not in IMPLEMENTED)
+    with pytest.raises(ValueError, match="not available in this version"):
+        Options.from_dict({missing: True})
+    assert Options.from_dict({missing: False}).enabled == frozenset(IMPLEMENTED)
+
+
+def test_bad_option_fails_at_compile_time_through_torch_compile():
+    fn = torch.compile(lambda x: x + 1, backend="slothc", options={"no_such_option": True})
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown slothc option 'no_such_option'"):
+        fn(torch.randn(3))
+    torch._dynamo.reset()
+
+
+def test_report_option_logs_at_compile_time(caplog):
+    def norm(x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    torch._dynamo.reset()
+    with caplog.at_level("INFO", logger="slothc"):
+        torch.compile(norm, backend="slothc", options={"inner": "eager", "report": True})(torch.randn(2, 8))
+    torch._dynamo.reset()
+    assert any("fused rms_norm: 1 site" in r.getMessage() for r in caplog.records)
+
+
+def test_explain_report_renders_sites_and_skips():
+    def fn(x):
+        h, g = x.float(), x.float()
+        a = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        b = g * (torch.rsqrt(g.pow(2).mean(-1, keepdim=True)) + 1e-6)
+        return a + b
+
+    report = slothc.explain(fn, torch.randn(2, 8))
+    text = str(report)
+    assert report.count("rms_norm") == 1 and len(report.skipped) == 1
+    assert "fused rms_norm: 1 site" in text and "skipped: eps added after rsqrt" in text
