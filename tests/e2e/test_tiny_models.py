@@ -41,11 +41,14 @@ ARCHS = {
 }
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _lora_model(config, seed=0):
     torch.manual_seed(seed)
     config = copy.deepcopy(config)
     config._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE)
     # init_lora_weights=False: B is random too, so every LoRA gradient is non-zero and compared
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     return get_peft_model(model, lora)
@@ -56,11 +59,11 @@ def _batch(config, seed=0):
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=g)
     labels = ids.clone()
     labels[0, :3] = -100
-    return dict(input_ids=ids, labels=labels)
+    return dict(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE))
 
 
 def _step(model, batch, autocast: bool, fp64: bool = False):
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx, (float64_mode() if fp64 else contextlib.nullcontext()):
         loss = model(**batch).loss
         loss.backward()

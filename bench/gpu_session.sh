@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# One GPU session: install the carried wheels, record the environment, run the GPU kernel tests,
+# then the norm benchmarks. Run from the repository root on the device machine, with OUT set to
+# the folder that comes back:
+#
+#     SLOTHC_GIT_SHA=<sha> bash bench/gpu_session.sh
+#
+# Writes to $OUT: env.txt, tests.log, bench.log, bench.jsonl, bench.txt, summary.md.
+# Every step is bounded by `timeout`, and all of them by one deadline, T_TOTAL seconds after the
+# start (default 480: 8 minutes, under the device tool's 10-minute command limit): a step's limit
+# is its own or what is left before the deadline, whichever is smaller, less what the later steps
+# are promised (the tests give way to the benchmarks). A failing or timed-out step is recorded and
+# the script goes on (the benchmarks run even if the tests fail). The bench rows are appended as
+# they come, so a bench cut short keeps what it measured. The repository is not pip-installed
+# there: PYTHONPATH carries the repository root.
+#
+# Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_SUMMARY.
+# SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). BENCH_ARGS: extra flags for both
+# benches (e.g. "--rep-ms 50", or "--quick" for a dry run of this script on a CPU machine).
+
+set -o pipefail
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
+: "${OUT:?set OUT to the output folder}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+
+T_TOTAL=${T_TOTAL:-480}
+T_INSTALL=${T_INSTALL:-45}
+T_ENV=${T_ENV:-30}
+T_TESTS=${T_TESTS:-170}
+T_RMS=${T_RMS:-150}
+T_LN=${T_LN:-110}
+T_SUMMARY=${T_SUMMARY:-15}
+T_KILL=5  # grace between timeout's TERM and KILL
+
+declare -a RESULTS=()
+step() {  # step NAME SECONDS RESERVE LOG COMMAND...: run bounded by min(SECONDS, time left before
+          # the deadline - RESERVE); output to stdout and appended to LOG
+    local name=$1 limit=$2 reserve=$3 log=$4 t0=$SECONDS rc left
+    shift 4
+    left=$((T_TOTAL - SECONDS - reserve - T_KILL))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 5 ]; then
+        echo "=== $name: SKIPPED, no time left before the ${T_TOTAL}s deadline" | tee -a "$log"
+        RESULTS+=("$name skipped (deadline)")
+        return 124
+    fi
+    echo "=== $name (limit ${limit}s)" | tee -a "$log"
+    timeout -k "$T_KILL" "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "=== $name: TIMED OUT after ${limit}s" | tee -a "$log"
+    fi
+    RESULTS+=("$name rc=$rc ($((SECONDS - t0))s)")
+    return "$rc"
+}
+
+# 1. Wheels: .whl/*.whl always (liger-kernel); .whl/optional/*.whl only where the machine lacks
+#    the package (pytest, hypothesis, sympy and their needs are in its image; a second pytest
+#    shadowing the image's one could break the image's pytest plugins).
+missing=$(python3 - <<'PY'
+import glob, importlib.metadata as md, os
+for f in sorted(glob.glob(".whl/optional/*.whl")):
+    try:
+        md.version(os.path.basename(f).split("-")[0])
+    except md.PackageNotFoundError:
+        print(f)
+PY
+)
+: > "$OUT/env.txt"
+[ -n "$missing" ] && echo "installing missing optional wheels: ${missing//$'\n'/ }" | tee -a "$OUT/env.txt"
+# What the later steps are promised: the benchmarks and the summary, each with its kill grace.
+R_BENCH=$((T_RMS + T_LN + 2 * T_SUMMARY + 2 * T_KILL))
+# shellcheck disable=SC2086  # $missing: word splitting wanted
+step install "$T_INSTALL" "$R_BENCH" "$OUT/env.txt" python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $missing
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -z "${SLOTHC_GIT_SHA:-}" ]; then
+    echo "WARNING: SLOTHC_GIT_SHA is not set; rows will say git_sha=unknown" | tee -a "$OUT/env.txt"
+fi
+
+# 2. Environment (read-only queries: the card's settings are left alone).
+cat > /tmp/slothc_env.py <<'PY'
+import importlib.metadata as md, sys, torch
+print("python", sys.version.split()[0], sys.executable)
+for d in ("torch", "triton", "transformers", "peft", "accelerate", "liger-kernel", "hypothesis", "pytest", "sympy"):
+    try:
+        print(f"{d:<13}", md.version(d))
+    except md.PackageNotFoundError:
+        print(f"{d:<13} (missing)")
+import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm  # noqa: E401,F401
+import slothc.kernels.rms_norm, slothc.kernels.layer_norm  # noqa: E401,F401  the ops register on import
+print("imports ok: liger_kernel ops; torch.ops.slothc.rms_norm and layer_norm")
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch")
+p = torch.cuda.get_device_properties(0)
+print("device", p.name, f"{p.multi_processor_count} SMs", f"{p.total_memory / 2**30:.1f} GiB",
+      f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB", f"cc {p.major}.{p.minor}")
+PY
+step versions "$T_ENV" "$R_BENCH" "$OUT/env.txt" python3 /tmp/slothc_env.py
+step nvidia-smi "$T_ENV" "$R_BENCH" "$OUT/env.txt" nvidia-smi
+step gpu-state "$T_ENV" "$R_BENCH" "$OUT/env.txt" nvidia-smi \
+    --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+
+# 3. GPU kernel tests; a failure is recorded and the benchmarks run anyway.
+: > "$OUT/tests.log"
+if [ "${SLOTHC_SKIP_TESTS:-0}" = 1 ]; then
+    echo "=== tests skipped (SLOTHC_SKIP_TESTS=1)" | tee -a "$OUT/tests.log"
+else
+    export SLOTHC_HYPOTHESIS_PROFILE=gpu
+    step tests "$T_TESTS" "$R_BENCH" "$OUT/tests.log" python3 -m pytest tests/kernels -q -x \
+        || echo "=== tests FAILED or timed out; going on to the benchmarks" | tee -a "$OUT/tests.log"
+fi
+
+# 4. Benchmarks: rows to bench.jsonl, tables to bench.txt, progress to bench.log.
+: > "$OUT/bench.log"
+# shellcheck disable=SC2086  # $BENCH_ARGS: word splitting wanted
+step bench_rms_norm "$T_RMS" "$((T_LN + 2 * T_SUMMARY + T_KILL))" "$OUT/bench.log" \
+    python3 bench/bench_rms_norm.py --out "$OUT/bench.jsonl" --table "$OUT/bench.txt" ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
+step bench_layer_norm "$T_LN" "$((2 * T_SUMMARY))" "$OUT/bench.log" \
+    python3 bench/bench_layer_norm.py --no-matmul-peak --out "$OUT/bench.jsonl" --table "$OUT/bench.txt" ${BENCH_ARGS:-}
+
+# 5. Summary: Markdown for bench/results/, then a compact table last (the reply shows the tail).
+if [ -s "$OUT/bench.jsonl" ]; then
+    timeout "$T_SUMMARY" python3 bench/_harness.py summarize "$OUT/bench.jsonl" > "$OUT/summary.md"
+    timeout "$T_SUMMARY" python3 bench/_harness.py compact "$OUT/bench.jsonl"
+fi
+echo
+echo "=== steps (rc 124/137: timed out)" | tee -a "$OUT/bench.log"
+printf '  %s\n' "${RESULTS[@]}" | tee -a "$OUT/bench.log"
