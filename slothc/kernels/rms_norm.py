@@ -1,0 +1,405 @@
+"""RMSNorm: reference, Triton kernels, launchers and the ``slothc::rms_norm`` custom op.
+
+Over the last dim of ``x`` (``n_cols`` elements; every other dim is a row), computed in fp32::
+
+    r = 1 / sqrt(mean(x^2) + eps)            n = x * r
+
+and then one of three spellings found in Hugging Face models:
+
+==================  ===============================================  ===========================
+mode                y                                                 dtype of y
+==================  ===============================================  ===========================
+no weight           n.to(x.dtype)                                     x.dtype
+cast_before_weight  (offset + w) * n.to(x.dtype)   (Llama, Mistral,   promote(w.dtype, x.dtype)
+                    Qwen: offset = 0)
+cast after weight   (n * (offset + w.float())).to(x.dtype)  (Gemma:   x.dtype
+                    offset = 1; Gemma3n: offset = 0)
+==================  ===============================================  ===========================
+
+In the Llama spelling eager rounds ``n`` to ``x.dtype`` before the product and ``offset + w`` is
+added in ``w``'s dtype; the kernel rounds at the same places, so it computes eager's function.
+The dtype of ``y`` follows from torch's promotion: an fp32 weight with bf16 ``x`` (autocast) gives
+an fp32 ``y`` in the Llama spelling.
+
+Backward. With ``g = dy * (offset + w)`` (``g = dy`` without weight), all in fp32::
+
+    dx = r * (g - n * mean(g * n))
+    dw = sum over rows of dy * n            (n rounded to x.dtype in the Llama spelling, as eager)
+
+The backward kernel recomputes ``r`` from the row of ``x`` it loads anyway (no saved rstd: one
+fewer tensor kept alive between forward and backward, no extra read). ``dw`` is reduced without
+atomics: ``reduction_grid`` programs each loop over a range of rows, keep their partial ``dw`` in
+fp32 registers and write one row of a ``[n_programs, n_cols]`` buffer that is summed afterwards.
+In LoRA training the norm weights are frozen; then ``compute_dw`` is False and the backward is a
+pure row-parallel kernel.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from slothc.kernels._launch import (
+    KERNEL_DTYPES,
+    as_rows,
+    device_guard,
+    next_power_of_2,
+    num_warps_for,
+    reduction_grid,
+    rows_fit,
+    use_triton,
+)
+
+# --------------------------------------------------------------------------------------------
+# Reference: the math spec, and the implementation off the Triton path.
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm_out_dtype(x_dtype: torch.dtype, w_dtype: Optional[torch.dtype], cast_before_weight: bool) -> torch.dtype:
+    """dtype of ``rms_norm``'s result: ``promote(w, x)`` in the Llama spelling, else ``x.dtype``."""
+    if w_dtype is not None and cast_before_weight:
+        return torch.promote_types(w_dtype, x_dtype)
+    return x_dtype
+
+
+def _compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    # fp32 for fp32/bf16/fp16 (the spec's x.float()); float64 stays float64.
+    return torch.promote_types(x_dtype, torch.float32)
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
+) -> torch.Tensor:
+    """Plain-torch RMSNorm over the last dim; see the module docstring for the three spellings.
+
+    ``n = x * rsqrt(mean(x^2) + eps)`` in fp32, then ``n.to(x.dtype)`` (no weight),
+    ``(offset + w) * n.to(x.dtype)`` (``cast_before_weight``) or ``(n * (offset + w.float())).to(x.dtype)``.
+    """
+    xf = x.to(_compute_dtype(x.dtype))
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return n.to(x.dtype)
+    if cast_before_weight:
+        return (offset + weight) * n.to(x.dtype)
+    return (n * (offset + weight.to(xf.dtype))).to(x.dtype)
+
+
+def rms_norm_backward_reference(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Plain-torch VJP of ``rms_norm_reference``: ``(dx, dw)``, ``dw`` None unless ``compute_dw``.
+
+    ``g = dy * (offset + w)``; ``dx = r * (g - n * mean(g * n))``; ``dw = sum_rows dy * n``.
+    """
+    cdt = _compute_dtype(x.dtype)
+    xf = x.to(cdt)
+    dy = grad_out.to(cdt)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    n = xf * r
+    dw = None
+    if weight is None:
+        g = dy
+    elif cast_before_weight:
+        g = dy * (offset + weight).to(cdt)
+        if compute_dw:
+            dw = (dy * n.to(x.dtype).to(cdt)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    else:
+        g = dy * (offset + weight.to(cdt))
+        if compute_dw:
+            dw = (dy * n).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    y_ptr,  # output [n_rows, n_cols], dtype rms_norm_out_dtype(...)
+    stride_y_row,  # elements between rows of y
+    x_ptr,  # input [n_rows, n_cols], unit column stride
+    stride_x_row,  # elements between rows of x
+    w_ptr,  # weight [n_cols], contiguous (unused without HAS_WEIGHT)
+    n_cols,  # row length, <= BLOCK_SIZE_N
+    eps,  # added to the mean square
+    offset,  # added to the weight: 0 (Llama), 1 (Gemma)
+    HAS_WEIGHT: tl.constexpr,  # False: y = n.to(x.dtype)
+    CAST_BEFORE_WEIGHT: tl.constexpr,  # True: Llama spelling; False: Gemma spelling
+    BLOCK_SIZE_N: tl.constexpr,  # next power of two >= n_cols
+):
+    """One program per row: ``y = (offset + w) * round_x(n)`` or ``round_x(n * (offset + w))``,
+    ``n = x / sqrt(mean(x^2) + eps)`` in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    # Scalars arrive as fp32 from eager Triton but as fp64 when the launch comes from Inductor
+    # code: pin them so the result does not depend on the caller. (tl.cast rather than eps.to:
+    # the interpreter passes Python floats through unwrapped, and they have no .to.)
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
+    cols = tl.arange(0, BLOCK_SIZE_N)
+    mask = cols < n_cols
+
+    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    n = x * rstd
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if CAST_BEFORE_WEIGHT:
+            # Eager: (offset + w) in w's dtype times n rounded to x's dtype; the product's single
+            # rounding to y's dtype happens at the store.
+            w = (offset + w).to(w_ptr.dtype.element_ty).to(tl.float32)
+            y = w * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            y = n * (offset + w)
+    else:
+        y = n
+    tl.store(y_ptr + row * stride_y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dx_ptr,  # output [n_rows, n_cols], x's dtype
+    stride_dx_row,  # elements between rows of dx
+    dy_ptr,  # upstream gradient [n_rows, n_cols], unit column stride
+    stride_dy_row,  # elements between rows of dy
+    x_ptr,  # forward input [n_rows, n_cols], unit column stride
+    stride_x_row,  # elements between rows of x
+    w_ptr,  # weight [n_cols], contiguous (unused without HAS_WEIGHT)
+    dw_partial_ptr,  # fp32 [n_programs, n_cols]: program p's sum of dy * n (only with COMPUTE_DW)
+    n_rows,  # rows of x
+    n_cols,  # row length, <= BLOCK_SIZE_N
+    rows_per_program,  # program p handles rows [p * rows_per_program, (p + 1) * rows_per_program)
+    eps,  # added to the mean square
+    offset,  # added to the weight
+    HAS_WEIGHT: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,  # accumulate dw partials (the weight requires grad)
+    BLOCK_SIZE_N: tl.constexpr,
+):
+    """For each row: ``g = dy * (offset + w)``, ``dx = r * (g - n * mean(g * n))``; and
+    ``dw_partial[p] = sum over the program's rows of dy * n`` (``n`` rounded to x's dtype in the
+    Llama spelling), with ``r = 1 / sqrt(mean(x^2) + eps)`` recomputed from ``x``."""
+    pid = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
+    cols = tl.arange(0, BLOCK_SIZE_N)
+    mask = cols < n_cols
+
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if CAST_BEFORE_WEIGHT:
+            w = (offset + w).to(w_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            w = offset + w
+    dw_acc = tl.zeros([BLOCK_SIZE_N], dtype=tl.float32)
+
+    # Rows [row_start, row_end); every program has at least one. The loads of row i + 1 are issued
+    # before row i is reduced (software pipelining by hand): a program that streams many rows
+    # otherwise waits for each load in turn (measured on an H100: ~70% of copy bandwidth with dW,
+    # ~85% with the prefetch).
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    x_next = tl.load(x_ptr + row_start * stride_x_row + cols, mask=mask, other=0.0)
+    dy_next = tl.load(dy_ptr + row_start * stride_dy_row + cols, mask=mask, other=0.0)
+    for row in range(row_start, row_end):
+        x = x_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        next_mask = cols < tl.where(row + 1 < row_end, n_cols, 0)  # all False after the last row
+        x_next = tl.load(x_ptr + (row + 1) * stride_x_row + cols, mask=next_mask, other=0.0)
+        dy_next = tl.load(dy_ptr + (row + 1) * stride_dy_row + cols, mask=next_mask, other=0.0)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        n = x * rstd
+        if HAS_WEIGHT:
+            g = dy * w
+            if COMPUTE_DW:
+                if CAST_BEFORE_WEIGHT:
+                    dw_acc += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+                else:
+                    dw_acc += dy * n
+        else:
+            g = dy
+        c = tl.sum(g * n, axis=0) / n_cols
+        dx = (g - n * c) * rstd
+        tl.store(dx_ptr + row * stride_dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if weight is not None:
+        assert weight.shape == (x.shape[-1],), f"weight shape {tuple(weight.shape)} != ({x.shape[-1]},)"
+        assert weight.device == x.device, f"weight on {weight.device}, x on {x.device}"
+
+
+def rms_norm_fwd(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
+) -> torch.Tensor:
+    """Launch ``_rms_norm_fwd_kernel`` (one program per row); returns a contiguous ``y`` shaped like ``x``."""
+    _check_weight(weight, x)
+    x2 = as_rows(x)  # [n_rows, n_cols]
+    n_rows, n_cols = x2.shape
+    assert rows_fit(n_cols), f"rows of {n_cols} elements take the reference"
+    y = torch.empty((n_rows, n_cols), dtype=rms_norm_out_dtype(x.dtype, weight.dtype if weight is not None else None,
+                                                               cast_before_weight), device=x.device)
+    if n_rows > 0:
+        w = weight.contiguous() if weight is not None else x2
+        block_size_n = next_power_of_2(n_cols)
+        with device_guard(x):
+            _rms_norm_fwd_kernel[(n_rows,)](
+                y, y.stride(0),
+                x2, x2.stride(0),
+                w,
+                n_cols, float(eps), float(offset),
+                HAS_WEIGHT=weight is not None,
+                CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+                BLOCK_SIZE_N=block_size_n,
+                num_warps=num_warps_for(block_size_n),
+            )
+    return y.view(x.shape)
+
+
+def rms_norm_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launch ``_rms_norm_bwd_kernel``; returns ``(dx, dw)``, ``dw`` None unless ``compute_dw``.
+
+    Without ``compute_dw`` every program takes one row (the most parallelism); with it the grid is
+    ``reduction_grid``'s and the fp32 partials are summed here and cast to the weight's dtype.
+    """
+    _check_weight(weight, x)
+    assert grad_out.shape == x.shape, f"grad_out shape {tuple(grad_out.shape)} != x shape {tuple(x.shape)}"
+    assert not compute_dw or weight is not None, "compute_dw needs a weight"
+    x2 = as_rows(x)  # [n_rows, n_cols]
+    dy2 = as_rows(grad_out)  # [n_rows, n_cols]
+    n_rows, n_cols = x2.shape
+    assert rows_fit(n_cols), f"rows of {n_cols} elements take the reference"
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if compute_dw:
+        n_programs, rows_per_program = reduction_grid(n_rows, x.device)
+        dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    else:
+        n_programs, rows_per_program = n_rows, 1
+        dw_partial = dx  # never written
+    if n_programs > 0:
+        w = weight.contiguous() if weight is not None else x2
+        block_size_n = next_power_of_2(n_cols)
+        with device_guard(x):
+            _rms_norm_bwd_kernel[(n_programs,)](
+                dx, dx.stride(0),
+                dy2, dy2.stride(0),
+                x2, x2.stride(0),
+                w,
+                dw_partial,
+                n_rows, n_cols, rows_per_program,
+                float(eps), float(offset),
+                HAS_WEIGHT=weight is not None,
+                CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+                COMPUTE_DW=bool(compute_dw),
+                BLOCK_SIZE_N=block_size_n,
+                num_warps=num_warps_for(block_size_n),
+            )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    return dx.view(x.shape), dw
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+def _use_kernel(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    return (
+        use_triton(x)
+        and x.dim() >= 1
+        and x.dtype in KERNEL_DTYPES
+        and (weight is None or weight.dtype in KERNEL_DTYPES)
+        and rows_fit(x.shape[-1])
+    )
+
+
+@torch.library.custom_op("slothc::rms_norm", mutates_args=())
+def rms_norm(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
+) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (see the module docstring); result contiguous."""
+    if _use_kernel(x, weight):
+        return rms_norm_fwd(x, weight, eps, offset, cast_before_weight)
+    return rms_norm_reference(x, weight, eps, offset, cast_before_weight).contiguous()
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps, offset, cast_before_weight):
+    _check_weight(weight, x)
+    dtype = rms_norm_out_dtype(x.dtype, weight.dtype if weight is not None else None, cast_before_weight)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("slothc::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dw)`` of ``slothc::rms_norm``; ``dw`` is an empty tensor unless ``compute_dw``."""
+    if compute_dw and weight is None:
+        raise ValueError("slothc::rms_norm_backward: compute_dw=True needs a weight")
+    if _use_kernel(x, weight):
+        dx, dw = rms_norm_bwd(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw)
+    else:
+        dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw)
+        dx = dx.contiguous()
+    return dx, dw if dw is not None else x.new_empty(0)
+
+
+@rms_norm_backward.register_fake
+def _rms_norm_backward_fake(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw):
+    if compute_dw and weight is None:
+        raise ValueError("slothc::rms_norm_backward: compute_dw=True needs a weight")
+    dx = x.new_empty(x.shape)
+    dw = weight.new_empty(weight.shape) if compute_dw else x.new_empty(0)
+    return dx, dw
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, eps, offset, cast_before_weight = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
+
+
+def _rms_norm_autograd_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = torch.ops.slothc.rms_norm_backward(
+        grad_out, x, weight, ctx.eps, ctx.offset, ctx.cast_before_weight, compute_dw
+    )
+    return (dx if ctx.needs_input_grad[0] else None), (dw if compute_dw else None), None, None, None
+
+
+torch.library.register_autograd(
+    "slothc::rms_norm", _rms_norm_autograd_backward, setup_context=_rms_norm_setup_context
+)
