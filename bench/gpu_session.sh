@@ -15,7 +15,7 @@
 # there: PYTHONPATH carries the repository root.
 #
 # Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_SUMMARY.
-# SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). BENCH_ARGS: extra flags for both
+# SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths and flags. BENCH_ARGS: extra flags for both
 # benches (e.g. "--rep-ms 50", or "--quick" for a dry run of this script on a CPU machine).
 
 set -o pipefail
@@ -107,8 +107,10 @@ step gpu-state "$T_ENV" "$R_BENCH" "$OUT/env.txt" nvidia-smi \
 if [ "${SLOTHC_SKIP_TESTS:-0}" = 1 ]; then
     echo "=== tests skipped (SLOTHC_SKIP_TESTS=1)" | tee -a "$OUT/tests.log"
 else
-    export SLOTHC_HYPOTHESIS_PROFILE=gpu
-    step tests "$T_TESTS" "$R_BENCH" "$OUT/tests.log" python3 -m pytest tests/kernels -q -x \
+    export SLOTHC_HYPOTHESIS_PROFILE=${SLOTHC_HYPOTHESIS_PROFILE:-gpu}
+    # TEST_ARGS: which tests (default the kernel properties); e.g. "tests/kernels tests/e2e -k ..."
+    # shellcheck disable=SC2086  # $TEST_ARGS: word splitting wanted
+    step tests "$T_TESTS" "$R_BENCH" "$OUT/tests.log" python3 -m pytest ${TEST_ARGS:-tests/kernels} -q -rfE \
         || echo "=== tests FAILED or timed out; going on to the benchmarks" | tee -a "$OUT/tests.log"
 fi
 

@@ -552,10 +552,11 @@ def register_profiles(load: bool = True) -> str:
     """Register the ``ci`` and ``gpu`` hypothesis profiles; load the selected one if ``load``. Returns its name."""
     from hypothesis import HealthCheck, settings
 
+    override = os.environ.get("SLOTHC_HYPOTHESIS_MAX_EXAMPLES")  # e.g. to fit a bounded GPU session
     for name, (max_examples, _) in _PROFILES.items():
         settings.register_profile(
             name,
-            max_examples=max_examples,
+            max_examples=int(override) if override else max_examples,
             deadline=None,
             print_blob=True,
             # Kernels under the interpreter, and float64 references at GPU sizes, are slow by design.
