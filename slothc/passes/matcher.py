@@ -49,7 +49,7 @@ import torch
 import torch.fx
 from torch.fx import Graph, GraphModule, Node
 
-from slothc.passes.meta import propagate, val
+from slothc.passes.meta import graphs, propagate, val
 from slothc.report import Report, Site, Skip, module_path
 
 COMMUTATIVE = frozenset({operator.add, operator.mul})
@@ -248,18 +248,9 @@ def _debug(node: Node, message: str) -> None:
 def apply(gm: GraphModule, rules: RuleSet, report: Report, graph_index: int = 0) -> int:
     """Apply ``rules`` to ``gm`` and its nested subgraphs; record sites and skips. Returns #fused."""
     fused = 0
-    for graph in _graphs(gm):
+    for graph in graphs(gm):
         fused += apply_graph(graph, rules, report, graph_index)
     return fused
-
-
-def _graphs(gm: GraphModule):
-    yield gm.graph
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            sub = getattr(gm, node.target, None)
-            if isinstance(sub, GraphModule):
-                yield from _graphs(sub)
 
 
 def apply_graph(graph: Graph, rules: RuleSet, report: Report, graph_index: int = 0) -> int:

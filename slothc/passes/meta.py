@@ -7,7 +7,7 @@ Dynamo stores the fake value of a node under ``meta["example_value"]``; AOTAutog
 from __future__ import annotations
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 _META_KEYS = ("val", "example_value")
@@ -58,3 +58,15 @@ def propagate(nodes: list, like: Node) -> bool:
                 result = node.target(*args, **kwargs)
         node.meta[key] = result
     return True
+
+
+def graphs(gm: GraphModule):
+    """``gm``'s graph, then the graphs nested in it: bodies of higher-order ops (the
+    ``tag_activation_checkpoint`` of gradient checkpointing, ``wrap``, ...) are submodules that
+    ``get_attr`` nodes name."""
+    yield gm.graph
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(gm, node.target, None)
+            if isinstance(sub, GraphModule):
+                yield from graphs(sub)

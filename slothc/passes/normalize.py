@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from slothc.passes.meta import copy_meta, val
+from slothc.passes.meta import copy_meta, graphs, val
 
 _CAST_METHODS = {
     "float": torch.float32,
@@ -87,18 +87,9 @@ _SIGNATURES = {
 
 def normalize(gm: GraphModule) -> None:
     """Normalize ``gm`` and every nested subgraph (higher-order-op bodies) in place."""
-    for graph in _graphs(gm):
+    for graph in graphs(gm):
         normalize_graph(graph)
     gm.recompile()
-
-
-def _graphs(gm: GraphModule):
-    yield gm.graph
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            sub = getattr(gm, node.target, None)
-            if isinstance(sub, GraphModule):
-                yield from _graphs(sub)
 
 
 def normalize_graph(graph: Graph) -> None:
