@@ -8,15 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from slothc import testing
-
-
-def llama_rms_norm(hidden_states, weight, eps):
-    """``LlamaRMSNorm.forward`` (transformers)."""
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + eps)
-    return weight * hidden_states.to(input_dtype)
+from tests.helpers import llama_rms_norm
 
 
 # Candidate "kernels", in plain torch so the test needs no Triton. Each takes (x, weight, eps).

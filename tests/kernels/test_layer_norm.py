@@ -1,6 +1,5 @@
 """slothc::layer_norm against ``F.layer_norm`` (``nn.LayerNorm``, as Hugging Face models call it) and float64."""
 
-import collections
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 from slothc import testing
 from slothc.kernels import _launch
 from slothc.kernels import layer_norm as layer_norm_module
+from tests.helpers import count_calls
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -199,15 +199,7 @@ def test_triton_path_runs(monkeypatch):
     """Where Triton is used (CUDA, or TRITON_INTERPRET=1 on CPU) the op launches the kernels."""
     if not _launch.use_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the reference path is the one under test")
-    calls = collections.Counter()
-    for name in ("layer_norm_fwd", "layer_norm_bwd"):
-        original = getattr(layer_norm_module, name)
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(layer_norm_module, name, counted)
+    calls = count_calls(monkeypatch, layer_norm_module, ("layer_norm_fwd", "layer_norm_bwd"))
     x = testing.make_tensor((4, 48), torch.bfloat16, 18, device=DEVICE, requires_grad=True)
     w = testing.make_tensor((48,), torch.bfloat16, 19, device=DEVICE, requires_grad=True)
     b = testing.make_tensor((48,), torch.bfloat16, 20, device=DEVICE, requires_grad=True)

@@ -5,7 +5,6 @@ pins them to the modules themselves). Properties draw shapes, dtypes, layouts, m
 every case checks the output and every gradient with ``slothc.testing.check_against_eager``.
 """
 
-import collections
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from slothc import testing
 from slothc.kernels import _launch
 from slothc.kernels import rms_norm as rms_norm_module
+from tests.helpers import count_calls, llama_rms_norm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OTHER_HALF = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}
@@ -23,15 +23,6 @@ OTHER_HALF = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16, torc
 # --------------------------------------------------------------------------------------------
 # Eager spellings
 # --------------------------------------------------------------------------------------------
-
-
-def llama_rms_norm(hidden_states, weight, eps):
-    """``LlamaRMSNorm.forward`` (also Mistral, Qwen2/3, Phi3, ...)."""
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + eps)
-    return weight * hidden_states.to(input_dtype)
 
 
 def gemma_rms_norm(x, weight, eps):
@@ -276,15 +267,7 @@ def test_triton_path_runs(monkeypatch):
     so the properties above test the kernels and not only the reference."""
     if not _launch.use_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the reference path is the one under test")
-    calls = collections.Counter()
-    for name in ("rms_norm_fwd", "rms_norm_bwd"):
-        original = getattr(rms_norm_module, name)
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(rms_norm_module, name, counted)
+    calls = count_calls(monkeypatch, rms_norm_module, ("rms_norm_fwd", "rms_norm_bwd"))
     x = testing.make_tensor((4, 48), torch.bfloat16, 12, device=DEVICE, requires_grad=True)
     w = testing.make_tensor((48,), torch.bfloat16, 13, device=DEVICE, requires_grad=True)
     torch.ops.slothc.rms_norm(x, w, 1e-6, 0.0, True).sum().backward()
