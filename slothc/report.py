@@ -108,5 +108,6 @@ def module_path(node) -> str:
     path = _QUOTED.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)
     path = re.sub(r"^L\.self\.?", "", path)
+    path = re.sub(r"^L\.args\.\d+\.?", "", path)  # a module passed through a wrapper (HF decorators)
     path = re.sub(r"^L__self___?", "", path)
     return path.strip(".")

@@ -20,9 +20,18 @@ A :class:`Rule` ties a pattern to
   constant values, symbolic sizes). A returned string is the reason the candidate is a near-miss; it
   is recorded in the report as skipped, and the graph is left alone. Reasons are short, lowercase,
   stable constants defined next to the patterns (tests import them).
+  A check may also return :data:`NOT_A_CANDIDATE`: the structure matched but the site is not one
+  this fusion is about (nothing is recorded, the next rule is tried).
 - ``replacement(m: Match, **captures)``: called with the captures as ``torch.fx.Proxy`` objects
   (literals stay literals); whatever it computes is recorded into the graph in front of the matched
   output, which is then rerouted to it. ``None`` makes a rule that only *reports* a known near-miss.
+- ``finish(m, out_node)`` (optional): runs after the reroute succeeded, for edits beyond the matched
+  output (e.g. another use of a value the fusion no longer computes). ``m.state`` carries what the
+  replacement decided; ``m.options`` are the backend options.
+
+After a rewrite the matched nodes, and the values that fed only them (captures whose producers are
+now unused, transitively, pure calls only), are erased: a fusion that reads a value's *inputs*
+instead of the value itself does not leave the old computation running in the graph.
 
 The engine refuses a match whose intermediate values are used outside the pattern (rewriting would
 have to compute them anyway), and verifies that the replacement's fake value has the matched output's
@@ -54,6 +63,7 @@ from slothc.report import Report, Site, Skip, module_path
 
 COMMUTATIVE = frozenset({operator.add, operator.mul})
 
+NOT_A_CANDIDATE = "<not a candidate>"  # a check's "ignore this site" (never recorded)
 INTERMEDIATE_ESCAPES = "an intermediate value is used outside the pattern"
 REPLACEMENT_MISMATCH = "the fused op would change the output's shape or dtype"
 NO_FAKE_VALUES = "no fake-tensor metadata on the graph"
@@ -88,6 +98,8 @@ class Match:
     root: Node
     captures: dict  # capture name -> Node or literal
     nodes: list  # the matched graph nodes, captures excluded, root included
+    options: Any = None  # the backend Options the pass runs with
+    state: dict = dataclasses.field(default_factory=dict)  # replacement -> finish
 
     def __getitem__(self, name: str):
         """The bound node or literal of a capture."""
@@ -109,7 +121,8 @@ class Rule:
     variant: str  # which spelling: "llama", "gemma", ...
     pattern: Callable  # the pattern function
     replacement: Callable | None  # (m, **captures) -> Proxy; None: report-only near-miss
-    check: Callable | None = None  # (m) -> reason str | None
+    check: Callable | None = None  # (m) -> reason str | None | NOT_A_CANDIDATE
+    finish: Callable | None = None  # (m, out_node) -> None, after a successful reroute
 
     @functools.cached_property
     def traced(self) -> Pattern:
@@ -245,15 +258,19 @@ def _debug(node: Node, message: str) -> None:
 # -- applying ----------------------------------------------------------------------------------------
 
 
-def apply(gm: GraphModule, rules: RuleSet, report: Report, graph_index: int = 0) -> int:
+def apply(gm: GraphModule, rules: RuleSet, report: Report, graph_index: int = 0, options: Any = None) -> int:
     """Apply ``rules`` to ``gm`` and its nested subgraphs; record sites and skips. Returns #fused."""
     fused = 0
     for graph in graphs(gm):
-        fused += apply_graph(graph, rules, report, graph_index)
+        fused += apply_graph(graph, rules, report, graph_index, options)
     return fused
 
 
-def apply_graph(graph: Graph, rules: RuleSet, report: Report, graph_index: int = 0) -> int:
+def apply_graph(graph: Graph, rules: RuleSet, report: Report, graph_index: int = 0, options: Any = None) -> int:
+    if options is None:
+        from slothc.options import Options
+
+        options = Options()
     fused = 0
     visited: set = set()  # roots already reported or rewritten
     erased: set = set()
@@ -267,14 +284,18 @@ def apply_graph(graph: Graph, rules: RuleSet, report: Report, graph_index: int =
             found = match(rule.traced, node)
             if found is None:
                 continue
-            m = Match(rule, node, *found)
+            m = Match(rule, node, *found, options=options)
             reason = _check(m)
+            if reason is NOT_A_CANDIDATE:
+                continue
             visited.add(node)
-            site = dict(fusion=rule.fusion, module=module_path(node), node=node.name, graph=graph_index)
             if reason is None:
                 reason = _rewrite(graph, m, erased)
+            # A rule may name the site better than the root's module (e.g. the lm_head the loss
+            # reads), and the variant it chose at rewrite time.
+            site = dict(fusion=rule.fusion, module=m.state.get("module", module_path(node)), node=node.name, graph=graph_index)
             if reason is None:
-                records.append(Site(variant=rule.variant, **site))
+                records.append(Site(variant=m.state.get("variant", rule.variant), **site))
                 fused += 1
                 _debug(node, f"{rule.pattern.__name__}: fused")
             else:
@@ -326,8 +347,24 @@ def _rewrite(graph: Graph, m: Match, erased: set) -> str | None:
             graph.erase_node(node)
         return REPLACEMENT_MISMATCH
     root.replace_all_uses_with(out_node)
+    if m.rule.finish is not None:
+        m.rule.finish(m, out_node)
     for node in reversed(list(graph.nodes)):
         if node in m.nodes and not node.users:
             graph.erase_node(node)
             erased.add(node)
+    _erase_dead_inputs([b for b in m.captures.values() if isinstance(b, Node)], graph, erased)
     return None
+
+
+def _erase_dead_inputs(nodes: list, graph: Graph, erased: set) -> None:
+    """Erase ``nodes`` that lost their last user, and then their inputs that did (pure calls only)."""
+    work = list(nodes)
+    while work:
+        node = work.pop()
+        if node in erased or node.graph is not graph or node.users or node.op != "call_function" or node.is_impure():
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        erased.add(node)
+        work.extend(inputs)

@@ -6,6 +6,8 @@ Dynamo stores the fake value of a node under ``meta["example_value"]``; AOTAutog
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
@@ -48,10 +50,12 @@ def propagate(nodes: list, like: Node) -> bool:
                 node.meta[k] = like.meta[k]
         args = map_arg(node.args, val)
         kwargs = map_arg(node.kwargs, val)
-        mode = fake_mode_of([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
-        if mode is None:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        mode = fake_mode_of(tensors)
+        if mode is None and tensors:
             return False
-        with mode:
+        # No tensor argument: a Python op on fake values (``getitem`` of a custom op's tuple result).
+        with mode if mode is not None else contextlib.nullcontext():
             if node.op == "call_method":
                 result = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:

@@ -13,7 +13,7 @@ Canonical form
   ``bfloat16()``, ``double()``, ``type(dtype)``, ``type_as(y)``, ``to(dtype=...)``);
 - squares are ``torch.pow(x, 2)`` (integral float exponents become ints);
 - ``1 / sqrt(v)`` and ``reciprocal(sqrt(v))`` are ``torch.rsqrt(v)``; ``a / sqrt(v)`` is ``a * rsqrt(v)``;
-- ``F.linear``, ``torch.mean``, ``F.layer_norm`` take every argument positionally, defaults filled;
+- ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy`` take every argument positionally, defaults filled;
   reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``).
 
 Each rule is a small function ``rule(node) -> bool`` (changed or not) keyed by the targets it can
@@ -82,6 +82,10 @@ _SIGNATURES = {
     torch.mean: (("input", "dim", "keepdim"), {"keepdim": False}),
     F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}),
     torch.pow: (("input", "exponent"), {}),
+    F.cross_entropy: (
+        ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
+        {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None, "reduction": "mean", "label_smoothing": 0.0},
+    ),
 }
 
 
@@ -273,6 +277,7 @@ _RULES = {
     **{t: (_operator_rule,) for t in _TORCH_TO_OPERATOR},
     F.linear: (_positional_rule,),
     F.layer_norm: (_positional_rule,),
+    F.cross_entropy: (_positional_rule,),
     torch.mean: (_mean_dim_rule,),
     torch.pow: (_pow_rule,),
     operator.pow: (_pow_rule,),
