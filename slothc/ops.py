@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 import slothc.kernels.layer_norm  # noqa: F401  (registers slothc::layer_norm)
+import slothc.kernels.linear_cross_entropy  # noqa: F401  (registers slothc::linear_cross_entropy)
 import slothc.kernels.rms_norm  # noqa: F401  (registers slothc::rms_norm)
 
-__all__ = ["rms_norm", "layer_norm"]
+__all__ = ["rms_norm", "layer_norm", "linear_cross_entropy"]
 
 
 def rms_norm(
@@ -35,3 +36,37 @@ def layer_norm(
 ) -> torch.Tensor:
     """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``, computed in fp32, rounded once to x.dtype."""
     return torch.ops.slothc.layer_norm(x, weight, bias, eps)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(z.float(), labels, ...)`` of the logits ``z = F.linear(hidden, weight, bias)``
+    (times ``logit_scale``, then ``softcap * tanh(z / softcap)`` if ``softcap``), without
+    materialising them: the loss is computed chunk by chunk over tokens, with its gradients.
+
+    Leading dims of ``hidden`` [..., H], ``labels`` [...] and ``logits`` [..., V] are flattened.
+    ``logits``: the model's final logits if it computed them anyway (read instead of recomputed;
+    they get no gradient: it flows to ``hidden`` and ``weight``). Returns the fp32 loss.
+    """
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    logits2 = logits.reshape(-1, logits.shape[-1]) if logits is not None else None
+    grad_enabled = torch.is_grad_enabled()
+    lm_head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    compute_grad = grad_enabled and (hidden.requires_grad or lm_head_grad)
+    compute_dw = compute_grad and lm_head_grad
+    loss, _, _, _ = torch.ops.slothc.linear_cross_entropy(
+        hidden2, weight, bias, labels.reshape(-1), logits2, int(ignore_index), reduction,
+        float(label_smoothing), float(logit_scale), float(softcap), compute_grad, compute_dw,
+    )
+    return loss
