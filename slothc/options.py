@@ -12,6 +12,15 @@ Keys
 ``inner`` (str)
     The compiler that runs after the fusion passes: ``"inductor"`` (default), ``"aot_eager"`` or
     ``"eager"`` (the last two are for debugging).
+``logits`` (str)
+    What a graph that computes the loss from the lm_head logits *and* returns them (every Hugging
+    Face causal LM does) gives back as its logits. ``"keep"`` (default): the real logits; the fused
+    loss reads them instead of upcasting them (no fp32 copies, see ``linear_cross_entropy``).
+    ``"drop"``: the logits are never materialised: the loss is computed chunk by chunk from the
+    hidden states, and ``outputs.logits`` is an empty ``(batch, seq, 0)`` tensor (reading it fails
+    loudly). For training loops that only use ``outputs.loss`` (``transformers.Trainer``; trl's
+    ``SFTTrainer`` computes its own loss and metrics and is unaffected). Graphs without the loss
+    (generation, evaluation without labels) return their logits in both modes.
 ``report`` (bool or :class:`slothc.Report`)
     True: log the fusion report of every compiled graph at compile time (default False). A
     ``Report`` instance: collect the sites and skips of every graph compiled with these options
@@ -26,8 +35,9 @@ from typing import Any, Mapping
 # One name per fusion: option key, report key and op name ``slothc::<name>``.
 FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy")
 # The fusions this version ships; the others are reserved names.
-IMPLEMENTED = ("rms_norm", "layer_norm")
+IMPLEMENTED = ("rms_norm", "layer_norm", "linear_cross_entropy")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+LOGITS_MODES = ("keep", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,7 @@ class Options:
     enabled: frozenset = frozenset(IMPLEMENTED)
     inner: str = "inductor"
     report: bool = False
+    logits: str = "keep"
     collect: Any = dataclasses.field(default=None, compare=False)  # a Report that every compiled graph records into (``report=Report()``)
 
     @classmethod
@@ -45,9 +56,9 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
-        valid_keys = (*FUSIONS, "inner", "report")
+        valid_keys = (*FUSIONS, "inner", "logits", "report")
         enabled = set(IMPLEMENTED)
-        inner, report, collect = "inductor", False, None
+        inner, report, collect, logits = "inductor", False, None, "keep"
         for key, value in options.items():
             if key in FUSIONS:
                 _expect_bool(key, value)
@@ -63,6 +74,12 @@ class Options:
                         f"slothc option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {value!r}"
                     )
                 inner = value
+            elif key == "logits":
+                if value not in LOGITS_MODES:
+                    raise ValueError(
+                        f"slothc option 'logits' must be one of {', '.join(map(repr, LOGITS_MODES))}, got {value!r}"
+                    )
+                logits = value
             elif key == "report":
                 from slothc.report import Report
 
@@ -73,7 +90,7 @@ class Options:
                     report = value
             else:
                 raise ValueError(f"unknown slothc option {key!r}; valid options: {', '.join(valid_keys)}")
-        return cls(enabled=frozenset(enabled), inner=inner, report=report, collect=collect)
+        return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, collect=collect)
 
 
 def _expect_bool(key: str, value: Any) -> None:

@@ -17,11 +17,12 @@ from slothc.report import Report
 
 @functools.lru_cache(None)
 def fusion_passes() -> tuple:
-    from slothc.passes import layer_norm, rms_norm
+    from slothc.passes import layer_norm, linear_cross_entropy, rms_norm
 
     return (
         ("rms_norm", rms_norm.RULES),
         ("layer_norm", layer_norm.RULES),
+        ("linear_cross_entropy", linear_cross_entropy.RULES),
     )
 
 
@@ -33,5 +34,5 @@ def run(gm: torch.fx.GraphModule, opts: Options, report: Report, graph_index: in
     normalize(gm)
     for name, rules in fusion_passes():
         if name in opts.enabled:
-            apply(gm, rules, report, graph_index=graph_index)
+            apply(gm, rules, report, graph_index=graph_index, options=opts)
     gm.recompile()
