@@ -3,6 +3,7 @@
     python examples/finetune.py                       # Llama, 20 steps, CPU or GPU
     python examples/finetune.py --arch qwen3 --steps 50
     python examples/finetune.py --arch gemma2 --device cpu --steps 5
+    python examples/finetune.py --trainer hf --logits drop   # transformers.Trainer, logits never built
 
 slothc is one line in ``train()``::
 
@@ -26,7 +27,9 @@ Two things about the wiring, both checked with transformers 5.24 / trl 1.16 / ac
   in place, keeps it a ``PeftModel``, and works.
 * SFTTrainer computes the loss with its own chunked LM head (trl's ``add_fused_lm_head``), not with
   the model's ``lm_head`` + cross-entropy. The fusion report below comes from the model's own
-  forward (``labels=`` given), so its loss sites are the ones a plain Trainer would train through.
+  forward (``labels=`` given), so its loss sites are the ones a plain Trainer would train through:
+  ``--trainer hf`` trains with ``transformers.Trainer`` on the model's own loss, which slothc fuses
+  (``--logits drop``: the logits are never materialised; see the ``logits`` backend option).
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], help="slothc's inner compiler")
+    p.add_argument("--trainer", choices=["sft", "hf"], default="sft",
+                   help="trl's SFTTrainer (default; its own chunked loss) or transformers' Trainer (the model's loss)")
+    p.add_argument("--logits", choices=["keep", "drop"], default="keep",
+                   help="slothc's logits option: drop = the model's loss never materialises the logits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eager", action="store_true", help="train only through slothc")
     args = p.parse_args(argv)
@@ -158,16 +165,18 @@ def train(args, backend: str) -> dict:
     model = make_model(args, tokenizer)
     reports = ReportCollector()
     if backend == "slothc":
-        options = {"report": True}  # each compiled graph's fusion report, collected below
+        options = {"report": True, "logits": args.logits}  # each graph's fusion report, collected below
         if args.inner:
             options["inner"] = args.inner
         model.compile(backend="slothc", options=options)
 
-    config = SFTConfig(
+    config_cls = SFTConfig if args.trainer == "sft" else transformers.TrainingArguments
+    extra = dict(max_length=args.seq) if args.trainer == "sft" else {}
+    config = config_cls(
         output_dir=os.path.join("/tmp", f"slothc-finetune-{backend}"),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
-        max_length=args.seq,
+        **extra,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         gradient_checkpointing=args.gradient_checkpointing,
@@ -181,7 +190,17 @@ def train(args, backend: str) -> dict:
         dataloader_drop_last=True,
     )
     timer = StepTimer(backend, args.steps, cuda=args.device == "cuda")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    if args.trainer == "sft":
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    else:  # the model's own loss: tokenized, cut to --seq, labels = input_ids
+        def tokenize(batch):
+            ids = tokenizer(batch["text"], truncation=True, max_length=args.seq)["input_ids"]
+            return {"input_ids": ids, "labels": [list(x) for x in ids]}
+
+        tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"])
+        trainer = transformers.Trainer(
+            model=model, args=config, train_dataset=tokenized, data_collator=transformers.default_data_collator, callbacks=[timer]
+        )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # StepTimer prints the progress
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -268,7 +287,9 @@ def explain(args):
     batch = {k: v.to(args.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     batch["labels"] = batch["input_ids"].clone()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    options = {"inner": args.inner} if args.inner else None  # explain() defaults to the eager inner compiler
+    options = {"logits": args.logits}
+    if args.inner:
+        options["inner"] = args.inner  # explain() defaults to the eager inner compiler
     with autocast:
         return slothc.explain(model, options=options, use_cache=False, **batch)
 
@@ -307,7 +328,8 @@ def main(argv=None) -> int:
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(
         f"slothc fine-tuning example: {args.arch}, {args.layers} layers, hidden {args.hidden}, LoRA r={args.lora_r} "
-        f"on every linear layer, {args.steps} steps of {args.batch} x {args.seq} tokens, {args.device}, {precision}",
+        f"on every linear layer, {args.steps} steps of {args.batch} x {args.seq} tokens, {args.device}, {precision}, "
+        f"{'trl SFTTrainer' if args.trainer == 'sft' else 'transformers Trainer'}, logits {args.logits}",
         flush=True,
     )
 

@@ -45,10 +45,10 @@ ARCHS = {
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _lora_model(config, seed=0):
+def _lora_model(config, seed=0, attn="sdpa"):
     torch.manual_seed(seed)
     config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config).to(DEVICE)
     # init_lora_weights=False: B is random too, so every LoRA gradient is non-zero and compared
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
@@ -116,6 +116,7 @@ def _check_training_step(config, autocast, options, gradient_checkpointing=False
 
 
 def _assert_every_norm_fused(report, expected):
+    expected = {**expected, "linear_cross_entropy": 1}  # and the loss (tests/e2e/test_loss.py has the details)
     for fusion, count in expected.items():
         assert report.count(fusion) == count, str(report)
     assert not [s for s in report.skipped if s.fusion in expected], str(report)
