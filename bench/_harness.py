@@ -27,6 +27,10 @@ so that no call reads what the previous one left in the cache. On CPU
 plain wall-clock timer (``perf_counter``) stands in for both, and its numbers only show that the
 pipeline runs.
 
+``time_provider`` runs both timers for one provider (``run_fwd_bwd`` uses it after its check;
+benches with their own check, like the loss bench, call it directly). ``peak_memory`` measures the
+peak CUDA memory of one un-graphed call (``max_memory_allocated`` over what was allocated before).
+
 Run as a script for the ceilings alone, or to summarise a results file:
 
     python3 bench/_harness.py ceilings --out results.jsonl
@@ -209,6 +213,40 @@ def time_graphs(
         graphs.clear()
 
 
+def peak_memory(stages: Sequence[Callable[[object], object]], device: torch.device | str) -> list[dict]:
+    """CUDA memory of running ``stages`` once, un-graphed, in order, each given the last one's result
+    (the first gets None): per stage ``{"peak": bytes, "retained": bytes}``.
+
+    Definition: with the inputs already allocated, ``torch.cuda.synchronize()``,
+    ``before = torch.cuda.memory_allocated()``, ``torch.cuda.reset_peak_memory_stats()``; after each
+    stage (synchronized) ``peak = torch.cuda.max_memory_allocated() - before`` (the most allocated
+    at any moment since the start, over what the inputs held) and ``retained =
+    torch.cuda.memory_allocated() - before`` (what is still allocated: results, tensors saved for
+    the backward, gradients, anything a stage keeps alive). Bytes the tensors hold, rounded up to
+    the caching allocator's blocks (512 B); memory the allocator keeps cached but free, CUDA
+    graphs' pools and cuBLAS/Triton workspaces allocated outside it are not counted. The last
+    stage's result is dropped before returning; what the stages left (e.g. ``.grad``) is the
+    caller's to free. Raises on a device other than CUDA.
+    """
+    if not is_cuda(device):
+        raise RuntimeError(f"peak memory is measured on CUDA only, not {torch.device(device).type}")
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out, marks = None, []
+    for stage in stages:
+        out = stage(out)
+        torch.cuda.synchronize(device)
+        marks.append(
+            {
+                "peak": torch.cuda.max_memory_allocated(device) - before,
+                "retained": torch.cuda.memory_allocated(device) - before,
+            }
+        )
+    del out
+    return marks
+
+
 def full_minus_fwd(full: Timing, fwd: Timing) -> Timing:
     """The backward's GPU time as ``full`` - ``fwd`` (both graph-timed).
 
@@ -347,10 +385,18 @@ def environment(device: torch.device | str) -> dict:
 class Recorder:
     """Collects result rows, appends each as one JSON line to ``out`` (when given) as it comes."""
 
-    def __init__(self, out: Optional[str], device: torch.device | str, copy_gbps: Optional[float] = None):
+    def __init__(
+        self,
+        out: Optional[str],
+        device: torch.device | str,
+        copy_gbps: Optional[float] = None,
+        matmul_tflops: Optional[float] = None,
+    ):
         self.out = out
         self.env = environment(device)
         self.copy_gbps = copy_gbps
+        # the measured bf16 matmul rate; rows given ``flops`` carry their fraction of it
+        self.matmul_tflops = matmul_tflops
         self.rows: list[dict] = []
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -375,6 +421,9 @@ class Recorder:
         ``timing`` fills the primary columns (``median_ms``, ``p20_ms``, ``p80_ms``, ``timer``,
         ``gbps``, ``frac_copy_bw``); ``wall``, when given, the secondary ones (``wall_median_ms``,
         ``wall_p20_ms``, ``wall_p80_ms``, ``wall_timer``, ``wall_gbps``, ``wall_frac_copy_bw``).
+        ``flops`` (matmul-bound ops) adds ``flops``, ``tflops`` and, once the matmul ceiling is known
+        (``matmul_tflops``), ``frac_matmul_peak``; with ``wall`` also ``wall_tflops`` and
+        ``wall_frac_matmul_peak``.
         """
         row = dict(self.env)
         row.update(
@@ -394,8 +443,13 @@ class Recorder:
             frac_copy_bw=None,
         )
         row["gbps"], row["frac_copy_bw"] = self._rate(timing, bytes_moved)
+        if flops:
+            row["flops"] = flops
         if timing and flops and timing.median_ms > 0:
             row["tflops"] = flops / (timing.median_ms * 1e-3) / 1e12
+            if op != "ceiling" and self.matmul_tflops:
+                row["matmul_tflops"] = self.matmul_tflops
+                row["frac_matmul_peak"] = row["tflops"] / self.matmul_tflops
         if wall is not None or "wall_error" in extra:
             row.update(
                 wall_median_ms=wall.median_ms if wall else None,
@@ -404,6 +458,10 @@ class Recorder:
                 wall_timer=wall.method if wall else None,
             )
             row["wall_gbps"], row["wall_frac_copy_bw"] = self._rate(wall, bytes_moved)
+            if flops and wall is not None and wall.median_ms > 0:
+                row["wall_tflops"] = flops / (wall.median_ms * 1e-3) / 1e12
+                if self.matmul_tflops:
+                    row["wall_frac_matmul_peak"] = row["wall_tflops"] / self.matmul_tflops
         row.update(extra)
         row = {k: _jsonable(v) for k, v in row.items()}
         self.rows.append(row)
@@ -571,30 +629,63 @@ def run_fwd_bwd(
                 reason = f"error vs float64 over max({tol}, {CHECK_FACTOR:g} x eager's): {bad}"
                 add(name, mode, status="mismatch", reason=reason, **errs)
             continue
-        # Wall timings first (kept in memory), then the graphs: a capture that goes wrong cannot
-        # take this provider's wall numbers with it.
-        walls: dict = {}
-        for mode in modes:
-            try:
-                walls[mode] = _time_mode(fn, mode, sets, case.params, trainable, device, rep_ms, warmup_ms)
-            except Exception as e:  # noqa: BLE001
-                walls[mode] = f"{mode}: {_err(e)}"
-            finally:
-                _reset_grads(sets, trainable)
-        graphs = _graph_timings(fn, modes, sets, case.params, trainable, device, rep_ms, warmup_ms)
-        for mode in modes:
-            wall = walls[mode] if isinstance(walls[mode], Timing) else None
-            kw = dict(bytes_moved=case.bytes_moved[mode], wall=wall, **errs)
-            if wall is None:
-                kw["wall_error"] = walls[mode]
-            timing, fields = _primary(mode, graphs, wall, device)
-            kw.update(fields)
+        timed = time_provider(fn, sets, case.params, device, modes=modes, rep_ms=rep_ms, warmup_ms=warmup_ms)
+        for mode, (timing, fields) in timed.items():
+            kw = dict(bytes_moved=case.bytes_moved[mode], **errs, **fields)
             if timing is None:
-                reason = f"graph: {fields.get('graph_error')}; wall: {walls[mode]}"
-                add(name, mode, status="error", reason=reason[:1000], **kw)
+                add(name, mode, status="error", **kw)
             else:
                 add(name, mode, timing=timing, **kw)
     return rows
+
+
+def time_provider(
+    fn: Callable,
+    sets: Sequence[dict],
+    params: Sequence,
+    device: torch.device | str,
+    *,
+    modes: Sequence[str] = ("fwd", "bwd", "full"),
+    rep_ms: float = 100.0,
+    warmup_ms: float = 25.0,
+    warm_calls: int = 3,
+) -> dict:
+    """Both timings of ``fn(s["x"], *params)`` in each mode: ``{mode: (primary Timing or None, row
+    fields)}``.
+
+    ``sets``: input sets ``{"x": leaf requiring grad, "dy": upstream gradient}``; ``params``: shared
+    by all sets, those that require grad get gradients too (non-tensors and tensors that do not
+    are passed through). Wall timings first (kept in memory), then the graphs (``time_graphs``,
+    ``warm_calls`` warm-up calls per set before capture): a capture that goes wrong cannot take the
+    wall numbers with it. The fields: ``wall`` (the wall Timing, for ``Recorder.add``) or
+    ``wall_error``, the graph fields (``graph_sets``, ``graph_error``, ``graph_skipped``,
+    ``bwd_method``, ``graph_fwd_ms``, ``graph_full_ms``) and, where neither timer gave a number,
+    ``reason``. Gradients are None again on return.
+    """
+    trainable = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+    walls: dict = {}
+    for mode in modes:
+        try:
+            walls[mode] = _time_mode(fn, mode, sets, params, trainable, device, rep_ms, warmup_ms)
+        except Exception as e:  # noqa: BLE001
+            walls[mode] = f"{mode}: {_err(e)}"
+        finally:
+            _reset_grads(sets, trainable)
+    if is_cuda(device):
+        torch.cuda.empty_cache()  # the graphs' private pools come on top of what the wall calls cached
+    graphs = _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms, warm_calls)
+    out = {}
+    for mode in modes:
+        wall = walls[mode] if isinstance(walls[mode], Timing) else None
+        fields: dict = {"wall": wall}
+        if wall is None:
+            fields["wall_error"] = walls[mode]
+        timing, graph_fields = _primary(mode, graphs, wall, device)
+        fields.update(graph_fields)
+        if timing is None:
+            fields["reason"] = f"graph: {graph_fields.get('graph_error')}; wall: {walls[mode]}"[:1000]
+        out[mode] = (timing, fields)
+    return out
 
 
 def _err(e: BaseException) -> str:
@@ -613,7 +704,7 @@ def _reset_grads(sets, trainable) -> None:
         p.grad = None
 
 
-def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms) -> dict:
+def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms, warm_calls=3) -> dict:
     """``{"sets": graphs per mode, "fwd": Timing | error str, "full": ...}`` from CUDA-graph
     replays; ``{}`` off CUDA.
 
@@ -636,12 +727,14 @@ def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms
     for mode in need:
         try:
             out[mode] = time_graphs(
-                work[mode], sets, device, leaves=leaves, warmup_ms=warmup_ms, rep_ms=rep_ms
+                work[mode], sets, device, leaves=leaves, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                warm_calls=warm_calls,
             )
         except Exception as e:  # noqa: BLE001  recorded in the rows; the wall timer stands in
             out[mode] = f"{mode} capture/replay: {_err(e)}"
         finally:
             _reset_grads(sets, trainable)
+            torch.cuda.empty_cache()  # this mode's graph pool, before the next mode captures its own
     return out
 
 
@@ -726,6 +819,10 @@ TIMERS_NOTE = (
     "bwd = full - fwd. Wall: the un-graphed calls timed by do_bench (bwd: CUDA events around "
     "backward() alone, a fresh forward untimed before each call), CPU launch overhead included."
 )
+MEMORY_NOTE = (
+    "GiB (x eager's): torch.cuda.max_memory_allocated() - memory_allocated() before the call, "
+    "peak stats reset after the inputs exist; one un-graphed call"
+)
 FALLBACK_NOTE = (
     "* not graph-timed: the cell holds the wall timer's number (the row's `timer`); "
     "`graph_error` says why (`graph_skipped` on CPU)."
@@ -758,25 +855,34 @@ def _status(r: dict, width: int) -> str:
 
 def format_table(rows: Iterable[dict], keys: Sequence[str] = ("variant", "shape")) -> str:
     """Plain-text table: one line per row, the primary (graph) timing with its speed-up over the
-    ``eager`` row of the same case, then the wall timing."""
+    ``eager`` row of the same case, then the wall timing. Rows with flops and no bytes (matmul-bound
+    ops) give TFLOP/s and % of the bf16 matmul peak in the rate columns."""
     rows = list(rows)
     eager = _eager_times(rows, keys)
     graphed = len(_blocks(rows)) > 1
+    shape_of = {id(r): "x".join(str(s) for s in r["shape"]) for r in rows}
+    w_op = max([11] + [len(r["op"]) for r in rows])
+    w_shape = max([14] + [len(v) for v in shape_of.values()])
+    w_prov = max([9] + [len(r["provider"]) for r in rows])
+    mm = _is_matmul_bound(rows)
     head = (
-        f"{'op':<11} {'variant':<10} {'shape':<14} {'dtype':<9} {'mode':<5} {'provider':<9} "
-        f"{'ms':>8} {'p20-p80 ms':>17} {'GB/s':>6} {'%copy':>5} {'x eager':>7} {'timer':<15}"
-        f"{'wall ms':>8} {'%copy':>5}  status"
+        f"{'op':<{w_op}} {'variant':<10} {'shape':<{w_shape}} {'dtype':<9} {'mode':<5} {'provider':<{w_prov}} "
+        f"{'ms':>8} {'p20-p80 ms':>17} {'GB/s' + ('|TF/s' if mm else ''):>6} {'%ceil' if mm else '%copy':>5} "
+        f"{'x eager':>7} {'timer':<15}{'wall ms':>8} {'%ceil' if mm else '%copy':>5}  status"
     )
     lines = ([TIMERS_NOTE, FALLBACK_NOTE] if graphed else []) + [head, "-" * len(head)]
     for r in rows:
-        shape = "x".join(str(s) for s in r["shape"])
         spread = "-" if r.get("p20_ms") is None else f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}"
         speedup = _speedup(r, eager, keys)
+        by_flops = r.get("gbps") is None and r.get("tflops") is not None and r["op"] != "ceiling"
+        rate = r.get("tflops") if by_flops else r.get("gbps")
+        frac = r.get("frac_matmul_peak") if by_flops else r.get("frac_copy_bw")
+        wfrac = r.get("wall_frac_matmul_peak") if by_flops else r.get("wall_frac_copy_bw")
         lines.append(
-            f"{r['op']:<11} {str(r.get('variant', '-')):<10} {shape:<14} {r['dtype']:<9} {r['mode']:<5} "
-            f"{r['provider']:<9} {_fmt(r.get('median_ms'), '.4f'):>8} {spread:>17} {_fmt(r.get('gbps'), '.0f'):>6} "
-            f"{_fmt(_pct(r.get('frac_copy_bw')), '.0f'):>5} {_fmt(speedup, '.2f'):>7} {_timer_label(r, graphed):<15}"
-            f"{_fmt(r.get('wall_median_ms'), '.4f'):>8} {_fmt(_pct(r.get('wall_frac_copy_bw')), '.0f'):>5}  "
+            f"{r['op']:<{w_op}} {str(r.get('variant', '-')):<10} {shape_of[id(r)]:<{w_shape}} {r['dtype']:<9} "
+            f"{r['mode']:<5} {r['provider']:<{w_prov}} {_fmt(r.get('median_ms'), '.4f'):>8} {spread:>17} "
+            f"{_fmt(rate, '.0f'):>{9 if mm else 6}} {_fmt(_pct(frac), '.0f'):>5} {_fmt(speedup, '.2f'):>7} "
+            f"{_timer_label(r, graphed):<15}{_fmt(r.get('wall_median_ms'), '.4f'):>8} {_fmt(_pct(wfrac), '.0f'):>5}  "
             f"{_status(r, 90)}"
         )
     return "\n".join(lines)
@@ -856,8 +962,9 @@ def _blocks(rows: Sequence[dict]) -> list[tuple[bool, str]]:
 def _cell(
     r: Optional[dict], wall: bool, spec: str = "{ms:.4f}{mark:1} {pct}%", pct_spec: str = "3.0f", star: bool = True
 ) -> str:
-    """One provider's number for a case: ms and % of copy bandwidth; ``*`` where not graph-timed
-    (when ``star``: in a table that has graph timings beside it)."""
+    """One provider's number for a case: ms and % of copy bandwidth (matmul-bound rows, which carry
+    no bytes: % of the bf16 matmul peak); ``*`` where not graph-timed (when ``star``: in a table
+    that has graph timings beside it)."""
     if r is None:
         return ""
     if r["status"] != "ok":
@@ -865,8 +972,30 @@ def _cell(
     ms = r.get("wall_median_ms" if wall else "median_ms")
     if ms is None or isinstance(ms, str):
         return "-"
-    pct = _fmt(_pct(r.get("wall_frac_copy_bw" if wall else "frac_copy_bw")), pct_spec)
+    frac = r.get("wall_frac_copy_bw" if wall else "frac_copy_bw")
+    if frac is None:
+        frac = r.get("wall_frac_matmul_peak" if wall else "frac_matmul_peak")
+    pct = _fmt(_pct(frac), pct_spec)
     return spec.format(ms=ms, mark="*" if star and not wall and _fallback(r) else "", pct=pct)
+
+
+def _mem_cell(r: Optional[dict]) -> str:
+    """Peak memory of a ``full`` row in GiB, with its ratio to eager's."""
+    if r is None:
+        return ""
+    peak = r.get("peak_mem_bytes")
+    if not isinstance(peak, (int, float)):
+        return r["status"].upper() if r["status"] != "ok" else "-"
+    ratio = r.get("peak_mem_ratio_eager")
+    return f"{peak / 2**30:.2f}" + (f" ({ratio:.2f}x)" if isinstance(ratio, (int, float)) else "")
+
+
+def _has_memory(rows: Sequence[dict]) -> bool:
+    return any(isinstance(r.get("peak_mem_bytes"), (int, float)) for r in rows)
+
+
+def _is_matmul_bound(rows: Sequence[dict]) -> bool:
+    return any(r.get("frac_matmul_peak") is not None or r.get("wall_frac_matmul_peak") is not None for r in rows)
 
 
 def _ceiling_lines(rows: Sequence[dict], prefix: str) -> list[str]:
@@ -879,20 +1008,38 @@ def _ceiling_lines(rows: Sequence[dict], prefix: str) -> list[str]:
 
 
 def compact_table(rows: Sequence[dict]) -> str:
-    """One line per op/variant/shape/mode, one column per provider: ms and % of copy bandwidth.
+    """One line per op/variant/shape/mode, one column per provider: ms and % of copy bandwidth
+    (matmul-bound ops: % of the bf16 matmul peak).
 
     Two blocks: GPU time (the primary, CUDA-graph timer), then wall time (the un-graphed calls),
-    the latter only when the rows carry it.
+    the latter only when the rows carry it; then, for ops that measured it, the peak memory of the
+    forward and backward (``full`` rows) in GiB with its ratio to eager's.
     """
     provs, cases = _cases(rows)
     lines = _ceiling_lines(rows, "ceiling ")
     blocks = _blocks(rows)
+    w_op = max([11] + [len(k[0]) + 1 for k in cases])
+    w_shape = max([12] + [len(k[2]) + 1 for k in cases])
+    w_prov = {p: max(15, len(p) + 1) for p in provs}
+
+    def line(key, cells):
+        return f"{key[0]:<{w_op}}{key[1]:<10}{key[2]:<{w_shape}}{key[4]:<5}" + "".join(
+            f"| {c:<{w_prov[p]}}" for p, c in zip(provs, cells)
+        )
+
+    head = line(("op", "variant", "shape", "-", "mode"), provs)
+    what = "ms and % of copy bandwidth"
+    if _is_matmul_bound(rows):
+        what += " (matmul-bound ops: % of bf16 matmul peak)"
     for wall, title in blocks:
-        head = f"{'op':<11}{'variant':<10}{'shape':<12}{'mode':<5}" + "".join(f"| {p:<15}" for p in provs)
-        lines += ["", f"{title}: ms and % of copy bandwidth", head, "-" * len(head)]
+        lines += ["", f"{title}: {what}", head, "-" * len(head)]
         for key, by in cases.items():
-            cells = [_cell(by.get(p), wall, star=len(blocks) > 1) for p in provs]
-            lines.append(f"{key[0]:<11}{key[1]:<10}{key[2]:<12}{key[4]:<5}" + "".join(f"| {c:<15}" for c in cells))
+            lines.append(line(key, [_cell(by.get(p), wall, star=len(blocks) > 1) for p in provs]))
+    if _has_memory(rows):
+        lines += ["", f"Peak memory of forward + backward: {MEMORY_NOTE}", head, "-" * len(head)]
+        for key, by in cases.items():
+            if key[4] == "full" and _has_memory(list(by.values())):
+                lines.append(line(key, [_mem_cell(by.get(p)) for p in provs]))
     if len(blocks) > 1:
         lines += ["", TIMERS_NOTE]
         if any(_fallback(r) for r in rows):
@@ -928,10 +1075,11 @@ def summarize(paths: Sequence[str]) -> str:
         provs, cases = _cases(sel)
         out += ["", f"## {op}"]
         blocks = _blocks(sel)
+        mm = _is_matmul_bound(sel)  # rows carry flops, not bytes: rates against the matmul peak
         for wall, title in blocks:
             out += [
                 "",
-                f"{title}: ms (% of copy bandwidth)",
+                f"{title}: ms (% of {'bf16 matmul peak' if mm else 'copy bandwidth'})",
                 "",
                 "| variant | shape | mode | " + " | ".join(provs) + " |",
                 "| --- | --- | --- | " + " | ".join("---:" for _ in provs) + " |",
@@ -939,12 +1087,29 @@ def summarize(paths: Sequence[str]) -> str:
             for key, by in cases.items():
                 cells = [_cell(by.get(p), wall, "{ms:.4f}{mark} ({pct}%)", ".0f", len(blocks) > 1).replace("*", "\\*") for p in provs]
                 out.append(f"| {key[1]} | {key[2]} {key[3]} | {key[4]} | " + " | ".join(cells) + " |")
+        if _has_memory(sel):
+            out += [
+                "",
+                f"Peak memory of forward + backward: {MEMORY_NOTE}",
+                "",
+                "| variant | shape | " + " | ".join(provs) + " |",
+                "| --- | --- | " + " | ".join("---:" for _ in provs) + " |",
+            ]
+            for key, by in cases.items():
+                if key[4] == "full" and _has_memory(list(by.values())):
+                    cells = [_mem_cell(by.get(p)) for p in provs]
+                    out.append(f"| {key[1]} | {key[2]} {key[3]} | " + " | ".join(cells) + " |")
+        if mm:
+            rate, frac, wfrac = "TFLOP/s", "frac_matmul_peak", "wall_frac_matmul_peak"
+        else:
+            rate, frac, wfrac = "GB/s", "frac_copy_bw", "wall_frac_copy_bw"
+        pct_name = "% mm peak" if mm else "% copy"
         out += [
             "",
             "All rows:",
             "",
-            "| variant | shape | mode | provider | ms | p20-p80 | GB/s | % copy | x eager | timer "
-            "| wall ms | wall % copy | status |",
+            f"| variant | shape | mode | provider | ms | p20-p80 | {rate} | {pct_name} | x eager | timer "
+            f"| wall ms | wall {pct_name} | status |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
         ]
         keys = ("variant", "shape")
@@ -955,10 +1120,11 @@ def summarize(paths: Sequence[str]) -> str:
             status = _status(r, 80).replace("|", "/")
             out.append(
                 f"| {r.get('variant', '-')} | {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['mode']} | "
-                f"{r['provider']} | {_fmt(r.get('median_ms'), '.4f')} | {spread} | {_fmt(r.get('gbps'), '.0f')} | "
-                f"{_fmt(_pct(r.get('frac_copy_bw')), '.0f')} | {_fmt(sp, '.2f')} | "
+                f"{r['provider']} | {_fmt(r.get('median_ms'), '.4f')} | {spread} | "
+                f"{_fmt(r.get('tflops' if mm else 'gbps'), '.0f')} | "
+                f"{_fmt(_pct(r.get(frac)), '.0f')} | {_fmt(sp, '.2f')} | "
                 f"{_timer_label(r, graphed).replace('*', chr(92) + '*')} | {_fmt(r.get('wall_median_ms'), '.4f')} | "
-                f"{_fmt(_pct(r.get('wall_frac_copy_bw')), '.0f')} | {status} |"
+                f"{_fmt(_pct(r.get(wfrac)), '.0f')} | {status} |"
             )
     return "\n".join(out) + "\n"
 
@@ -968,7 +1134,8 @@ def measure_ceilings(
 ) -> float:
     """Measure copy bandwidth (and the bf16 matmul rate), record them as ``op="ceiling"`` rows.
 
-    Sets ``rec.copy_gbps`` so that later rows carry their fraction of it. Returns the copy GB/s.
+    Sets ``rec.copy_gbps`` (and ``rec.matmul_tflops``) so that later rows carry their fraction of
+    it. Returns the copy GB/s.
     """
     nbytes = 2**24 if quick else 2**30
     gbps, t, moved = copy_bandwidth(device, nbytes)
@@ -979,11 +1146,12 @@ def measure_ceilings(
     )
     if matmul:
         size = 256 if quick else 8192
-        _, t, flops = matmul_peak(device, size)
+        tflops, t, flops = matmul_peak(device, size)
         rec.add(
             op="ceiling", provider="matmul", mode="mm", shape=[size] * 3, dtype=torch.bfloat16,
             timing=t, flops=flops,
         )
+        rec.matmul_tflops = tflops
     return gbps
 
 

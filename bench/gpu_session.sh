@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # One GPU session: install the carried wheels, record the environment, run the GPU kernel tests,
-# then the norm benchmarks. Run from the repository root on the device machine, with OUT set to
-# the folder that comes back:
+# then the benchmarks (RMSNorm, LayerNorm, LM head + cross-entropy). Run from the repository root
+# on the device machine, with OUT set to the folder that comes back:
 #
 #     SLOTHC_GIT_SHA=<sha> bash bench/gpu_session.sh
 #
 # Writes to $OUT: env.txt, tests.log, bench.log, bench.jsonl, bench.txt, summary.md.
 # Every step is bounded by `timeout`, and all of them by one deadline, T_TOTAL seconds after the
-# start (default 480: 8 minutes, under the device tool's 10-minute command limit): a step's limit
+# start (default 570: 9.5 minutes, under the device tool's 10-minute command limit): a step's limit
 # is its own or what is left before the deadline, whichever is smaller, less what the later steps
 # are promised (the tests give way to the benchmarks). A failing or timed-out step is recorded and
 # the script goes on (the benchmarks run even if the tests fail). The bench rows are appended as
 # they come, so a bench cut short keeps what it measured. The repository is not pip-installed
 # there: PYTHONPATH carries the repository root.
 #
-# Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_SUMMARY.
-# SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths and flags. BENCH_ARGS: extra flags for both
-# benches (e.g. "--rep-ms 50", or "--quick" for a dry run of this script on a CPU machine).
+# Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_LCE
+# T_SUMMARY. SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths
+# and flags. BENCHES: which benchmarks run (default "rms_norm layer_norm linear_cross_entropy"; the
+# others are skipped and promised no time). BENCH_ARGS: extra flags for every bench (e.g. "--rep-ms
+# 50", or "--quick" for a dry run of this script on a CPU machine); LCE_ARGS: extra flags for the
+# linear_cross_entropy bench alone (e.g. "--tokens 8192 --providers eager slothc").
 
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
@@ -24,14 +27,22 @@ export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
 
-T_TOTAL=${T_TOTAL:-480}
+T_TOTAL=${T_TOTAL:-570}
 T_INSTALL=${T_INSTALL:-45}
 T_ENV=${T_ENV:-30}
 T_TESTS=${T_TESTS:-170}
 T_RMS=${T_RMS:-150}
 T_LN=${T_LN:-110}
+T_LCE=${T_LCE:-150}
 T_SUMMARY=${T_SUMMARY:-15}
 T_KILL=5  # grace between timeout's TERM and KILL
+BENCHES=${BENCHES:-rms_norm layer_norm linear_cross_entropy}
+selected() { [[ " $BENCHES " == *" $1 "* ]]; }
+# A bench that is not selected is promised no time (nor its kill grace: K_*).
+K_RMS=$T_KILL K_LN=$T_KILL K_LCE=$T_KILL
+selected rms_norm || T_RMS=0 K_RMS=0
+selected layer_norm || T_LN=0 K_LN=0
+selected linear_cross_entropy || T_LCE=0 K_LCE=0
 
 declare -a RESULTS=()
 step() {  # step NAME SECONDS RESERVE LOG COMMAND...: run bounded by min(SECONDS, time left before
@@ -46,7 +57,8 @@ step() {  # step NAME SECONDS RESERVE LOG COMMAND...: run bounded by min(SECONDS
         return 124
     fi
     echo "=== $name (limit ${limit}s)" | tee -a "$log"
-    timeout -k "$T_KILL" "$limit" "$@" 2>&1 | tee -a "$log"
+    # The limit, for a command that paces itself (bench_linear_cross_entropy's --budget-s default).
+    SLOTHC_STEP_LIMIT_S=$limit timeout -k "$T_KILL" "$limit" "$@" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         echo "=== $name: TIMED OUT after ${limit}s" | tee -a "$log"
@@ -70,7 +82,7 @@ PY
 : > "$OUT/env.txt"
 [ -n "$missing" ] && echo "installing missing optional wheels: ${missing//$'\n'/ }" | tee -a "$OUT/env.txt"
 # What the later steps are promised: the benchmarks and the summary, each with its kill grace.
-R_BENCH=$((T_RMS + T_LN + 2 * T_SUMMARY + 2 * T_KILL))
+R_BENCH=$((T_RMS + T_LN + T_LCE + 2 * T_SUMMARY + K_RMS + K_LN + K_LCE))
 # shellcheck disable=SC2086  # $missing: word splitting wanted
 step install "$T_INSTALL" "$R_BENCH" "$OUT/env.txt" python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $missing
@@ -88,9 +100,13 @@ for d in ("torch", "triton", "transformers", "peft", "accelerate", "liger-kernel
         print(f"{d:<13}", md.version(d))
     except md.PackageNotFoundError:
         print(f"{d:<13} (missing)")
-import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm  # noqa: E401,F401
-import slothc.kernels.rms_norm, slothc.kernels.layer_norm  # noqa: E401,F401  the ops register on import
-print("imports ok: liger_kernel ops; torch.ops.slothc.rms_norm and layer_norm")
+import torch._inductor.config as ic  # the bench's inductor_chunked provider needs this config
+ac = getattr(ic, "auto_chunker", None)
+print("inductor auto_chunker:", "missing" if ac is None else
+      {k: getattr(ac, k) for k in ("enable", "output_size_threshold", "amplify_ratio_threshold", "num_chunk") if hasattr(ac, k)})
+import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm, liger_kernel.ops.fused_linear_cross_entropy  # noqa: E401,F401
+import slothc.kernels.rms_norm, slothc.kernels.layer_norm, slothc.kernels.linear_cross_entropy  # noqa: E401,F401  the ops register on import
+print("imports ok: liger_kernel ops; torch.ops.slothc.rms_norm, layer_norm and linear_cross_entropy")
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch")
 p = torch.cuda.get_device_properties(0)
@@ -114,14 +130,26 @@ else
         || echo "=== tests FAILED or timed out; going on to the benchmarks" | tee -a "$OUT/tests.log"
 fi
 
-# 4. Benchmarks: rows to bench.jsonl, tables to bench.txt, progress to bench.log.
+# 4. Benchmarks: rows to bench.jsonl, tables to bench.txt, progress to bench.log. Each step's reserve:
+#    the later benches' limits and kill graces, and the summary.
 : > "$OUT/bench.log"
-# shellcheck disable=SC2086  # $BENCH_ARGS: word splitting wanted
-step bench_rms_norm "$T_RMS" "$((T_LN + 2 * T_SUMMARY + T_KILL))" "$OUT/bench.log" \
-    python3 bench/bench_rms_norm.py --out "$OUT/bench.jsonl" --table "$OUT/bench.txt" ${BENCH_ARGS:-}
+bench() {  # bench NAME LIMIT RESERVE SCRIPT FLAGS...: run one selected bench as a step
+    local name=$1 limit=$2 reserve=$3 script=$4
+    shift 4
+    if ! selected "$name"; then
+        echo "=== bench_$name: not selected (BENCHES=$BENCHES)" | tee -a "$OUT/bench.log"
+        RESULTS+=("bench_$name not selected")
+        return 0
+    fi
+    step "bench_$name" "$limit" "$reserve" "$OUT/bench.log" \
+        python3 "$script" --out "$OUT/bench.jsonl" --table "$OUT/bench.txt" "$@"
+}
+# shellcheck disable=SC2086  # $BENCH_ARGS, $LCE_ARGS: word splitting wanted
+bench rms_norm "$T_RMS" "$((T_LN + T_LCE + 2 * T_SUMMARY + K_LN + K_LCE))" bench/bench_rms_norm.py ${BENCH_ARGS:-}
 # shellcheck disable=SC2086
-step bench_layer_norm "$T_LN" "$((2 * T_SUMMARY))" "$OUT/bench.log" \
-    python3 bench/bench_layer_norm.py --no-matmul-peak --out "$OUT/bench.jsonl" --table "$OUT/bench.txt" ${BENCH_ARGS:-}
+bench layer_norm "$T_LN" "$((T_LCE + 2 * T_SUMMARY + K_LCE))" bench/bench_layer_norm.py --no-matmul-peak ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
+bench linear_cross_entropy "$T_LCE" "$((2 * T_SUMMARY))" bench/bench_linear_cross_entropy.py ${BENCH_ARGS:-} ${LCE_ARGS:-}
 
 # 5. Summary: Markdown for bench/results/, then a compact table last (the reply shows the tail).
 if [ -s "$OUT/bench.jsonl" ]; then
