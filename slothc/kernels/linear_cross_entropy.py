@@ -347,9 +347,12 @@ def _linear_cross_entropy_fwd_kernel(
             else:
                 z, d_softcap = _final_logits(z, logit_scale, softcap, z_ptr.dtype.element_ty, HAS_SCALE, HAS_SOFTCAP)
             g = tl.exp((z - m) - log_s)  # softmax
+            # One subtraction per element (p - (1 - e + e / V) at the label, p - e / V elsewhere):
+            # near p ~ 1 - e every rounding of p - e / V would count at the label's gradient.
             if HAS_SMOOTHING:
-                g = g - smooth
-            g = tl.where(cols == y, g - target_weight, g)
+                g = g - tl.where(cols == y, target_weight + smooth, smooth)
+            else:
+                g = tl.where(cols == y, g - target_weight, g)
             if HAS_SOFTCAP:
                 g = g * d_softcap
             g = g * factor
