@@ -266,14 +266,14 @@ class _Float64Mode(TorchFunctionMode):
         if func in _CAST_METHODS:
             out = func(*args, **kwargs)
             src = args[0] if args else None
-            if (
-                isinstance(src, torch.Tensor)
-                and isinstance(out, torch.Tensor)
-                and src.dtype == torch.float64
-                and out.dtype in _LOW_FLOATS
-            ):
-                # The cast made a new tensor; so does this (later in-place ops must not reach src).
-                return src.to(device=out.device, copy=True)
+            if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.dtype in _LOW_FLOATS:
+                if src.dtype == torch.float64:
+                    # The cast made a new tensor; so does this (later in-place ops must not reach src).
+                    return src.to(device=out.device, copy=True)
+                if not src.is_floating_point() and not src.is_complex():
+                    # Integers made float (``position_ids.float()`` before a matmul with the float64
+                    # inv_freq in transformers 5.17's rotary embedding): float64 too.
+                    return src.to(device=out.device, dtype=torch.float64)
             return out
         if kwargs.get("dtype") in _LOW_FLOATS:
             kwargs = {**kwargs, "dtype": torch.float64}
@@ -284,8 +284,9 @@ def float64_mode() -> TorchFunctionMode:
     """Context manager under which eager code with hard-coded low-precision casts stays in float64.
 
     Casts of a float64 tensor to fp32/fp16/bf16 (``.to``, ``.float()``, ``.half()``,
-    ``.bfloat16()``, ``.type``, ``.type_as``) return float64 copies, and ``dtype=`` keyword
-    arguments naming those dtypes become float64. Tensors of other dtypes are untouched.
+    ``.bfloat16()``, ``.type``, ``.type_as``) return float64 copies, casts of an integer or bool
+    tensor to those dtypes give float64, and ``dtype=`` keyword arguments naming those dtypes become
+    float64. Other casts are untouched (an fp32 tensor stays fp32).
     """
     return _Float64Mode()
 

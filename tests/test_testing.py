@@ -165,6 +165,9 @@ def test_float64_mode_keeps_hard_coded_upcasts_in_float64():
         assert x.type_as(torch.zeros(1, dtype=torch.float16)).dtype == torch.float64
         assert torch.zeros(3, dtype=torch.float32).dtype == torch.float64
         assert torch.arange(3).dtype == torch.int64  # non-floating dtypes are left alone
+        positions = torch.arange(3)
+        assert positions.float().dtype == torch.float64  # integers made float: float64
+        assert torch.equal(positions.float(), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
         y = x.float()
         y.add_(1)  # a cast made a copy: in-place ops on it leave x alone
     assert not torch.equal(x, y)
