@@ -649,9 +649,12 @@ def time_provider(
     rep_ms: float = 100.0,
     warmup_ms: float = 25.0,
     warm_calls: int = 3,
+    no_graph: Optional[str] = None,
 ) -> dict:
     """Both timings of ``fn(s["x"], *params)`` in each mode: ``{mode: (primary Timing or None, row
-    fields)}``.
+    fields)}``. ``no_graph``: a reason not to capture ``fn`` at all (it syncs with the host, say:
+    a failed capture can leave CUDA state, e.g. the RNG's, broken for later work); the rows then
+    carry the wall timer with that reason as ``graph_error``.
 
     ``sets``: input sets ``{"x": leaf requiring grad, "dy": upstream gradient}``; ``params``: shared
     by all sets, those that require grad get gradients too (non-tensors and tensors that do not
@@ -673,7 +676,10 @@ def time_provider(
             _reset_grads(sets, trainable)
     if is_cuda(device):
         torch.cuda.empty_cache()  # the graphs' private pools come on top of what the wall calls cached
-    graphs = _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms, warm_calls)
+    if no_graph and is_cuda(device):
+        graphs = {"sets": 0, "fwd": f"not captured: {no_graph}", "full": f"not captured: {no_graph}"}
+    else:
+        graphs = _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms, warm_calls)
     out = {}
     for mode in modes:
         wall = walls[mode] if isinstance(walls[mode], Timing) else None

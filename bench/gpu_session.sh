@@ -86,7 +86,12 @@ R_BENCH=$((T_RMS + T_LN + T_LCE + 2 * T_SUMMARY + K_RMS + K_LN + K_LCE))
 # shellcheck disable=SC2086  # $missing: word splitting wanted
 step install "$T_INSTALL" "$R_BENCH" "$OUT/env.txt" python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $missing
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# slothc's own metadata, for its torch_dynamo_backends entry point (backend="slothc" by name, as
+# the e2e tests compile): built from the checkout, offline; the code itself is imported from the
+# checkout, which comes first on PYTHONPATH.
+step slothc-metadata "$T_INSTALL" "$R_BENCH" "$OUT/env.txt" python3 -m pip install -q --no-index --no-deps \
+    --no-build-isolation --no-compile --target /tmp/slothc_dist .
+export PYTHONPATH=/tmp/site:$PWD:/tmp/slothc_dist${PYTHONPATH:+:$PYTHONPATH}
 if [ -z "${SLOTHC_GIT_SHA:-}" ]; then
     echo "WARNING: SLOTHC_GIT_SHA is not set; rows will say git_sha=unknown" | tee -a "$OUT/env.txt"
 fi

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+import slothc.kernels.cross_entropy  # noqa: F401  (registers slothc::cross_entropy)
 import slothc.kernels.layer_norm  # noqa: F401  (registers slothc::layer_norm)
 import slothc.kernels.linear_cross_entropy  # noqa: F401  (registers slothc::linear_cross_entropy)
 import slothc.kernels.rms_norm  # noqa: F401  (registers slothc::rms_norm)
