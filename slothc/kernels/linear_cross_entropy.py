@@ -600,42 +600,6 @@ def linear_cross_entropy_fwd(
     return loss, dx, dw, db
 
 
-def cross_entropy_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    grad: Optional[torch.Tensor],
-    *,
-    ignore_index: int,
-    label_smoothing: float,
-    grad_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The row math alone, on final logits that already exist (``slothc::cross_entropy``):
-    returns ``loss_i`` [N] (fp32; 0 for ignored rows) and, if ``grad`` is given ([N, V], the
-    logits' dtype, unit column stride), writes ``d loss_i / d logits`` times ``grad_scale`` (a
-    one-element device tensor) into it. Labels are not range-checked here (``check_labels``).
-
-    The Triton kernel takes all rows in one launch (it needs no scratch); the torch path walks
-    them in chunks of ``chunk_rows`` so that its fp32 temporaries stay one chunk large.
-    """
-    n_rows, n_cols = logits.shape
-    assert labels.shape == (n_rows,), f"labels shape {tuple(labels.shape)} != ({n_rows},)"
-    if grad is not None:
-        assert grad.shape == logits.shape and grad.dtype == logits.dtype, "grad: logits' shape and dtype"
-    labels = labels.contiguous()
-    loss = torch.empty(n_rows, dtype=_compute_dtype(logits.dtype), device=logits.device)
-    args = (ignore_index, label_smoothing, 1.0, 0.0, True)
-    if use_triton(logits) and logits.dtype in KERNEL_DTYPES:
-        z = logits if logits.stride(1) == 1 or n_cols == 1 else logits.contiguous()
-        linear_cross_entropy_rows(z, grad, labels, loss, grad_scale, *args)
-        return loss
-    step = max(1, _chunk_rows(n_rows, n_cols, logits.dtype, False))
-    for start in range(0, n_rows, step):
-        end = min(start + step, n_rows)
-        g = grad[start:end] if grad is not None else None
-        linear_cross_entropy_rows_reference(logits[start:end], g, labels[start:end], loss[start:end], grad_scale, *args)
-    return loss
-
-
 # --------------------------------------------------------------------------------------------
 # Custom op
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,15 @@ def _model():
     return add_lora(tiny_model("llama", layers=2, hidden=64, vocab=VOCAB, seed=0), r=4, alpha=8)
 
 
+def _model_compiled(logits_mode):
+    """The tiny LoRA model, compiled with slothc in ``logits_mode`` (None: eager), and its report."""
+    model = _model()
+    report = slothc.Report()
+    if logits_mode is not None:
+        model.compile(backend="slothc", options={"inner": "aot_eager", "report": report, "logits": logits_mode})
+    return model, report
+
+
 def _dataset():
     import datasets
 
@@ -62,10 +71,7 @@ def _losses(trainer) -> list:
 def _train_hf(logits_mode):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    model = _model()
-    report = slothc.Report()
-    if logits_mode is not None:
-        model.compile(backend="slothc", options={"inner": "aot_eager", "report": report, "logits": logits_mode})
+    model, report = _model_compiled(logits_mode)
     dataset = _dataset().map(lambda ex: {"labels": ex["input_ids"]})
     trainer = Trainer(model=model, args=_args(TrainingArguments, "hf"), train_dataset=dataset, data_collator=default_data_collator)
     return _losses(trainer), report
@@ -76,10 +82,7 @@ def _train_sft(logits_mode):
     from tokenizers import Tokenizer, models
     from trl import SFTConfig, SFTTrainer
 
-    model = _model()
-    report = slothc.Report()
-    if logits_mode is not None:
-        model.compile(backend="slothc", options={"inner": "aot_eager", "report": report, "logits": logits_mode})
+    model, report = _model_compiled(logits_mode)
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1")
     args = _args(SFTConfig, "sft", max_length=SEQ, dataset_kwargs={"skip_prepare_dataset": True})
