@@ -303,7 +303,11 @@ def _copy(t: Any, dtype: Optional[torch.dtype] = None) -> Any:
     dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
     with torch.no_grad():
         if torch._debug_has_internal_overlap(t) != 1:  # 1: elements share memory (expanded)
-            out = torch.empty_strided(t.size(), t.stride(), dtype=dtype, device=t.device).copy_(t)
+            # Zeroed storage, not empty_strided's garbage: the gaps of a padded layout are never
+            # part of the tensor, but torch 2.13's CPU bf16 F.linear reads them (a NaN there
+            # turns into NaN outputs) and eager must not fail on memory that is not its input.
+            extent = 1 + sum((n - 1) * st for n, st in zip(t.size(), t.stride()) if n > 0) if t.numel() else 0
+            out = torch.zeros(extent, dtype=dtype, device=t.device).as_strided(t.size(), t.stride()).copy_(t)
         else:  # expanded (stride 0) tensors cannot be written with their strides: copy densely
             out = t.to(dtype=dtype, copy=True).contiguous()
     return out.requires_grad_(t.requires_grad)

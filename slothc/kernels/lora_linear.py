@@ -1,0 +1,325 @@
+"""LoRA linear: the frozen base matmul and the low-rank update in one op, with a derived backward.
+
+One projection ``p`` with base weight ``W`` [M, K] (frozen), optional frozen bias ``b``, and adapters
+``i`` with ``A_i`` [r_i, K], ``B_i`` [M, r_i] and scale ``s_i`` (PEFT's ``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with rsLoRA)::
+
+    Y = X W^T + b + sum_i s_i (X A_i^T) B_i^T
+
+Backward (W and b frozen, so no dW, db). With ``T_i = X A_i^T`` [N, r_i] (saved by the forward) and
+``G_i = s_i dY B_i`` [N, r_i]::
+
+    dX   = dY W + sum_i G_i A_i          (dY W is the only big product; G_i A_i has rank r_i)
+    dA_i = s_i (dY B_i)^T X = G_i^T X
+    dB_i = s_i dY^T (X A_i^T) = s_i dY^T T_i
+
+Several projections that read the same ``X`` (q/k/v, gate/up) are one call: the down-projections of
+all their adapters are *one* matmul ``X [A_1; A_2; ...]^T`` (X read once for all of them), and in the
+backward ``dX`` is accumulated over the projections into one buffer, with every ``G_i A_i`` in one
+matmul ``[G_1, G_2, ...] [A_1; A_2; ...]``, and every ``dA_i`` in one ``[G_1, G_2, ...]^T X``.
+
+Matmul order, so that each big operand is read as few times as possible:
+
+- forward: ``T = X A^T`` (reads X), then per projection ``C = T (s B)^T (+ b)`` (small K = r) and
+  ``Y = C + X W^T`` as one cuBLAS ``addmm`` (C read in its epilogue: the update costs one read of Y's
+  size, no separate add pass). The scale is folded into the small ``B`` (``s B``: M x r values), not
+  applied to Y.
+- backward: ``G = dY (s B)`` (reads dY), ``dX = G A + dY W`` (``addmm``, one more per projection),
+  ``dA = G^T X`` (reads X), ``dB = s dY^T T`` (reads dY).
+
+Saved for the backward: X (needed for dA anyway) and the small T; the base output is not kept.
+
+Dtypes mirror what eager PEFT computes (``base_dtype``: the base linear's result, ``lora_dtype``: the
+adapters' product, ``out_dtype``: PEFT's final ``result.to(torch_result_dtype)``). Under autocast
+these are the autocast dtype while X, the adapters or W may be fp32: the op casts its operands to
+them, as autocast would, and computes with fp32 accumulation (cuBLAS). Eager PEFT with fp32 adapters
+under bf16 autocast casts X to fp32 and back around every LoRA branch (``x.to(lora_A.weight.dtype)``,
+then autocast's cast to bf16): a lossless round trip that the op skips. Gradients come back in the
+dtypes of X, A and B (fp32 for fp32 adapters), like autocast's cast backward gives them.
+
+When the three dtypes are one (all bf16 under autocast, all fp32 without), the fused path above runs;
+otherwise (e.g. a bf16 model with fp32 adapters and no autocast: eager computes the base product in
+bf16 and the update in fp32 and adds in fp32) the base and the update are computed separately in their
+dtypes and summed in the promoted dtype, like eager.
+
+The op runs the same code on CPU and CUDA (the matmuls are the vendor BLAS); it is a custom op so that
+Inductor treats it as one opaque call and AOTAutograd uses the backward above.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Layout of one call: projections, and adapters assigned to them
+# --------------------------------------------------------------------------------------------
+
+
+def _groups(adapter_proj: Sequence[int], n_proj: int) -> list[list[int]]:
+    """Adapter indices of each projection."""
+    groups: list[list[int]] = [[] for _ in range(n_proj)]
+    for i, p in enumerate(adapter_proj):
+        if not 0 <= p < n_proj:
+            raise ValueError(f"slothc::lora_linear: adapter {i} belongs to projection {p}, but there are {n_proj}")
+        groups[p].append(i)
+    return groups
+
+
+def _offsets(lora_a: Sequence[torch.Tensor]) -> list[int]:
+    offsets = [0]
+    for a in lora_a:
+        offsets.append(offsets[-1] + a.shape[0])
+    return offsets
+
+
+def _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj) -> None:
+    if len(weights) == 0:
+        raise ValueError("slothc::lora_linear needs at least one projection")
+    if len(biases) != len(weights):
+        raise ValueError(f"slothc::lora_linear: {len(biases)} biases for {len(weights)} projections (use None for none)")
+    if not len(lora_a) == len(lora_b) == len(scaling) == len(adapter_proj):
+        raise ValueError(
+            f"slothc::lora_linear: lora_a, lora_b, scaling and adapter_proj must have one entry per adapter, "
+            f"got {len(lora_a)}, {len(lora_b)}, {len(scaling)}, {len(adapter_proj)}"
+        )
+    k = x.shape[-1]
+    for p, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != k:
+            raise ValueError(f"slothc::lora_linear: weight {p} has shape {tuple(w.shape)}, expected (out, {k})")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"slothc::lora_linear: bias {p} has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    groups = _groups(adapter_proj, len(weights))
+    for p, members in enumerate(groups):
+        for i in members:
+            a, b = lora_a[i], lora_b[i]
+            if a.dim() != 2 or a.shape[1] != k:
+                raise ValueError(f"slothc::lora_linear: lora_a {i} has shape {tuple(a.shape)}, expected (r, {k})")
+            if tuple(b.shape) != (weights[p].shape[0], a.shape[0]):
+                raise ValueError(
+                    f"slothc::lora_linear: lora_b {i} has shape {tuple(b.shape)}, expected ({weights[p].shape[0]}, {a.shape[0]})"
+                )
+
+
+def _no_autocast(x: torch.Tensor):
+    # The op computes in the dtypes it is given; an ambient autocast (the caller's) must not recast
+    # the matmuls inside it.
+    return torch.autocast(x.device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: eager PEFT's math, term by term (the spec; tests compare the op against it)
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
+    """What eager PEFT computes for each projection: ``(base + sum_i (x A_i^T B_i^T) * s_i).to(out_dtype)``
+    with ``base`` in ``base_dtype`` and each update in ``lora_dtype`` (differentiable; plain torch)."""
+    outs = []
+    with _no_autocast(x):
+        for p, members in enumerate(_groups(adapter_proj, len(weights))):
+            b = biases[p]
+            result = torch.nn.functional.linear(
+                x.to(base_dtype), weights[p].to(base_dtype), b.to(base_dtype) if b is not None else None
+            )
+            for i in members:
+                xl = x.to(lora_dtype)
+                update = torch.nn.functional.linear(torch.nn.functional.linear(xl, lora_a[i].to(lora_dtype)), lora_b[i].to(lora_dtype))
+                result = result + update * scaling[i]
+            outs.append(result.to(out_dtype))
+    return outs
+
+
+# --------------------------------------------------------------------------------------------
+# The implementation (forward and backward)
+# --------------------------------------------------------------------------------------------
+
+
+def _scaled_b(lora_b, scaling, i, dtype):
+    return (lora_b[i].float() * scaling[i]).to(dtype) if scaling[i] != 1.0 else lora_b[i].to(dtype)
+
+
+def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
+    """``([Y_p for each projection], T)``; ``T = X [A_1; A_2; ...]^T`` [N, sum r] in ``lora_dtype``."""
+    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = x2.shape[0]
+    groups = _groups(adapter_proj, len(weights))
+    offsets = _offsets(lora_a)
+    fused = base_dtype == lora_dtype == out_dtype
+    with _no_autocast(x):
+        if lora_a:
+            a_all = torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
+            t = x2.to(lora_dtype) @ a_all.t()
+        else:
+            t = x2.new_empty((n, 0), dtype=lora_dtype)
+        xb = x2.to(base_dtype)
+        outs = []
+        for p, members in enumerate(groups):
+            w, b = weights[p].to(base_dtype), biases[p]
+            m = w.shape[0]
+            if members:
+                cols = [slice(offsets[i], offsets[i + 1]) for i in members]
+                t_p = t[:, cols[0]] if len(members) == 1 else torch.cat([t[:, c] for c in cols], dim=1)
+                b_p = torch.cat([_scaled_b(lora_b, scaling, i, lora_dtype) for i in members], dim=1)
+            if fused and members:
+                c = torch.addmm(b.to(base_dtype), t_p, b_p.t()) if b is not None else t_p @ b_p.t()
+                y = torch.addmm(c, xb, w.t())
+            elif fused:
+                y = torch.addmm(b.to(base_dtype), xb, w.t()) if b is not None else xb @ w.t()
+            else:
+                y = torch.nn.functional.linear(xb, w, b.to(base_dtype) if b is not None else None)
+                if members:
+                    promoted = torch.promote_types(base_dtype, lora_dtype)
+                    y = y.to(promoted) + (t_p @ b_p.t()).to(promoted)
+                y = y.to(out_dtype)
+            outs.append(y.view(*lead, m))
+    return outs, t
+
+
+def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx):
+    """``(dX or None, [dA_i], [dB_i])`` of :func:`lora_linear_fwd` (see the module docstring)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = x2.shape[0]
+    groups = _groups(adapter_proj, len(weights))
+    offsets = _offsets(lora_a)
+    r_total = offsets[-1]
+    fused = base_dtype == lora_dtype == out_dtype
+    with _no_autocast(x):
+        dys = [g.reshape(n, -1) if g is not None else None for g in grads]
+        # G = [s_i dY_p B_i for every adapter i of every projection p], [N, sum r].
+        g_all = x2.new_zeros((n, r_total), dtype=lora_dtype) if r_total else None
+        db = [None] * len(lora_a)
+        for p, members in enumerate(groups):
+            dy = dys[p]
+            if dy is None or not members:
+                continue
+            dyl = dy.to(lora_dtype)
+            for i in members:
+                g_all[:, offsets[i] : offsets[i + 1]] = dyl @ _scaled_b(lora_b, scaling, i, lora_dtype)
+                db[i] = ((dyl.t() @ t[:, offsets[i] : offsets[i + 1]]).float() * scaling[i]).to(lora_b[i].dtype)
+        da = []
+        if r_total:
+            da_all = g_all.t() @ x2.to(lora_dtype)
+            # Outputs of a custom op may not alias each other: slices of da_all are copied out.
+            copy = len(lora_a) > 1
+            da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
+        for i, b in enumerate(lora_b):
+            if db[i] is None:  # the projection's output got no gradient
+                db[i] = torch.zeros_like(b)
+        dx = None
+        if need_dx:
+            a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
+            projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
+            if fused:
+                acc = g_all @ a_all if r_total else None
+                for dy, w in projections:
+                    wb = w.to(base_dtype)
+                    acc = torch.addmm(acc, dy, wb) if acc is not None else dy @ wb
+                dx = acc if acc is not None else x2.new_zeros((n, k), dtype=base_dtype)
+            else:
+                promoted = torch.promote_types(base_dtype, lora_dtype)
+                acc = (g_all @ a_all).to(promoted) if r_total else x2.new_zeros((n, k), dtype=promoted)
+                for dy, w in projections:
+                    acc = acc + (dy.to(base_dtype) @ w.to(base_dtype)).to(promoted)
+                dx = acc
+            dx = dx.to(x.dtype).view(*lead, k)
+    return dx, da, db
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slothc::lora_linear", mutates_args=())
+def lora_linear(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[Optional[torch.Tensor]],
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    adapter_proj: list[int],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """``[Y_0, ..., Y_{P-1}, T]``: one output per projection (see the module docstring), then the
+    saved low-rank product ``T`` (for the backward; the graph does not use it)."""
+    outs, t = lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype)
+    return [*outs, t]
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
+    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+    lead = x.shape[:-1]
+    n = 1
+    for s in lead:
+        n = n * s
+    outs = [x.new_empty((*lead, w.shape[0]), dtype=out_dtype) for w in weights]
+    r_total = sum(a.shape[0] for a in lora_a)
+    return [*outs, x.new_empty((n, r_total), dtype=lora_dtype)]
+
+
+@torch.library.custom_op("slothc::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    grads: list[Optional[torch.Tensor]],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    weights: list[torch.Tensor],
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    adapter_proj: list[int],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_dx: bool,
+) -> list[torch.Tensor]:
+    """``[dX, dA_0, ..., dB_0, ...]`` of ``slothc::lora_linear``; ``dX`` is an empty tensor unless ``need_dx``."""
+    dx, da, db = lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx)
+    return [dx if dx is not None else x.new_empty(0), *da, *db]
+
+
+@lora_linear_backward.register_fake
+def _lora_linear_backward_fake(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return [dx, *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype = inputs
+    t = output[-1]
+    ctx.n_proj, ctx.n_adapters = len(weights), len(lora_a)
+    ctx.bias_has_none = any(b is None for b in biases)
+    ctx.save_for_backward(x, t, *weights, *lora_a, *lora_b)
+    ctx.config = (list(scaling), list(adapter_proj), base_dtype, lora_dtype, out_dtype)
+
+
+def _backward(ctx, grads):
+    x, t, *rest = ctx.saved_tensors
+    weights = rest[: ctx.n_proj]
+    lora_a = rest[ctx.n_proj : ctx.n_proj + ctx.n_adapters]
+    lora_b = rest[ctx.n_proj + ctx.n_adapters :]
+    scaling, adapter_proj, base_dtype, lora_dtype, out_dtype = ctx.config
+    need_dx = ctx.needs_input_grad[0]
+    out = torch.ops.slothc.lora_linear_backward(
+        list(grads[: ctx.n_proj]), x, t, list(weights), list(lora_a), list(lora_b), scaling, adapter_proj,
+        base_dtype, lora_dtype, out_dtype, need_dx,
+    )
+    dx = out[0] if need_dx else None
+    da = list(out[1 : 1 + ctx.n_adapters])
+    db = list(out[1 + ctx.n_adapters :])
+    frozen = [None] * ctx.n_proj  # W and b: no gradient (the pass only fuses frozen ones)
+    # torch.library matches the structure of the inputs: a Tensor?[] holding a None is one leaf.
+    no_bias = None if ctx.bias_has_none else list(frozen)
+    no_adapters = [] if not ctx.n_adapters else None  # an empty list input needs an empty list back
+    return dx, frozen, no_bias, da, db, no_adapters, no_adapters, None, None, None
+
+
+torch.library.register_autograd("slothc::lora_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,251 @@
+"""MLP: ``act(g) * u`` fused with its down projection, the activation's derivative derived by sympy.
+
+A gated MLP (Llama, Qwen, Mistral, Gemma, Phi-3, ...) computes ``Y = down(act(gate(x)) * up(x))``.
+With ``g = gate(x)``, ``u = up(x)``, ``h = act(g) * u``::
+
+    dh = dY W + sum_i s_i (dY B_i) A_i           (the down projection's backward, slothc::lora_linear)
+    dg = dh * u * act'(g)                         (act' derived by sympy: slothc/derive.py)
+    du = dh * act(g)
+
+Eager keeps ``g``, ``act(g)``, ``u`` and ``h`` (four tensors of the intermediate size) from the forward
+to the backward. Here:
+
+- ``slothc::mlp_act(g, u, act)`` is ``h``, with a backward that recomputes ``act(g)`` from ``g``: it
+  keeps ``g`` and ``u`` only;
+- ``slothc::mlp(g, u, act, <down projection>)`` also does the down projection (frozen ``W``, optional
+  LoRA adapters): it keeps ``g``, ``u`` and the small ``h A^T``, not ``h``; the backward recomputes
+  ``h`` (one elementwise kernel) for ``dA = s (dY B)^T h``, then ``dg, du`` are written over the
+  buffers of ``dh`` and of the recomputed ``h``, which are no longer needed.
+
+The elementwise kernels are emitted by :mod:`slothc.derive` from the activation's expression; on CPU
+the same formulas run as torch code. Both compute in fp32 and round once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from slothc.derive import activation as get_activation
+from slothc.kernels._launch import KERNEL_DTYPES, device_guard, use_triton
+from slothc.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
+
+_BLOCK_SIZE_N = 1024
+_NUM_WARPS = 4
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [rows, cols] with a unit column stride (a view where possible, e.g. a chunk of a
+    fused gate_up projection; a copy otherwise)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _use_kernel(g: torch.Tensor, u: torch.Tensor) -> bool:
+    return use_triton(g) and g.dtype in KERNEL_DTYPES and u.dtype in KERNEL_DTYPES and g.numel() > 0
+
+
+def _check(g: torch.Tensor, u: torch.Tensor) -> None:
+    if g.shape != u.shape:
+        raise ValueError(f"slothc mlp: gate {tuple(g.shape)} and up {tuple(u.shape)} must have one shape")
+    if g.dtype != u.dtype:
+        raise ValueError(f"slothc mlp: gate ({g.dtype}) and up ({u.dtype}) must have one dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise: h = act(g) * u and its backward
+# --------------------------------------------------------------------------------------------
+
+
+def mlp_act_reference(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """Eager's ``act(g) * u``, as Hugging Face writes it (the spec the tests compare against)."""
+    from slothc.derive import eager_activation
+
+    return eager_activation(act)(g) * u
+
+
+def mlp_act_fwd(g: torch.Tensor, u: torch.Tensor, act: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(g) * u`` (fp32 compute, one rounding to g's dtype); Triton where it runs, torch otherwise."""
+    _check(g, u)
+    a = get_activation(act)
+    if not _use_kernel(g, u):
+        return a.forward(g, u)
+    g2, u2 = _rows(g), _rows(u)
+    n_rows, n_cols = g2.shape
+    h = out if out is not None else torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device)
+    grid = (n_rows, triton_cdiv(n_cols, _BLOCK_SIZE_N))
+    with device_guard(g):
+        a.fwd_kernel[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS)
+    return h.view(g.shape)
+
+
+def mlp_act_bwd(
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, reuse: tuple = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh * u * act'(g), dh * act(g))``. ``reuse``: contiguous buffers of g's shape and dtype that
+    may be overwritten with dg and du (dh itself may be one of them: each element is read before it
+    is written)."""
+    _check(g, u)
+    a = get_activation(act)
+    if not _use_kernel(g, u):
+        return a.backward(dh, g, u)
+    g2, u2, dh2 = _rows(g), _rows(u), _rows(dh)
+    n_rows, n_cols = g2.shape
+    buffers = [b.view(n_rows, n_cols) for b in reuse if b.is_contiguous() and b.dtype == g.dtype and b.numel() == g.numel()]
+    while len(buffers) < 2:
+        buffers.append(torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device))
+    dg, du = buffers[:2]
+    grid = (n_rows, triton_cdiv(n_cols, _BLOCK_SIZE_N))
+    with device_guard(g):
+        a.bwd_kernel[grid](
+            dh2, g2, u2, dg, du, dh2.stride(0), g2.stride(0), u2.stride(0), n_cols,
+            BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS,
+        )
+    return dg.view(g.shape), du.view(g.shape)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("slothc::mlp_act", mutates_args=())
+def mlp_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(g) * u`` (``act`` one of :data:`slothc.derive.ACTIVATIONS`); its backward keeps g and u only."""
+    return mlp_act_fwd(g, u, act).contiguous()
+
+
+@mlp_act.register_fake
+def _mlp_act_fake(g, u, act):
+    _check(g, u)
+    get_activation(act)
+    return g.new_empty(g.shape)
+
+
+@torch.library.custom_op("slothc::mlp_act_backward", mutates_args=())
+def mlp_act_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dg, du)`` of ``slothc::mlp_act``."""
+    dg, du = mlp_act_bwd(dh, g, u, act)
+    return dg.contiguous(), du.contiguous()
+
+
+@mlp_act_backward.register_fake
+def _mlp_act_backward_fake(dh, g, u, act):
+    return g.new_empty(g.shape), u.new_empty(u.shape)
+
+
+def _mlp_act_setup_context(ctx, inputs, output):
+    g, u, act = inputs
+    ctx.save_for_backward(g, u)
+    ctx.act = act
+
+
+def _mlp_act_autograd_backward(ctx, dh):
+    g, u = ctx.saved_tensors
+    dg, du = torch.ops.slothc.mlp_act_backward(dh, g, u, ctx.act)
+    return dg, du, None
+
+
+torch.library.register_autograd("slothc::mlp_act", _mlp_act_autograd_backward, setup_context=_mlp_act_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole MLP tail: act(g) * u -> down projection (frozen W, optional LoRA)
+# --------------------------------------------------------------------------------------------
+
+
+def mlp_reference(g, u, act, weight, bias, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
+    """Eager: ``h = act(g) * u`` then PEFT's LoRA linear on h (differentiable; plain torch)."""
+    from slothc.kernels.lora_linear import lora_linear_reference
+
+    h = mlp_act_reference(g, u, act)
+    (y,) = lora_linear_reference(h, [weight], [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype)
+    return y
+
+
+@torch.library.custom_op("slothc::mlp", mutates_args=())
+def mlp(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    act: str,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """``[Y, T]``: ``Y = down(act(g) * u)`` with the down projection as in ``slothc::lora_linear``, and
+    its small saved product ``T = h [A_1; ...]^T`` (for the backward; the graph does not use it)."""
+    h = mlp_act_fwd(g, u, act)
+    (y,), t = lora_linear_fwd(h, [weight], [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype)
+    return [y, t]
+
+
+@mlp.register_fake
+def _mlp_fake(g, u, act, weight, bias, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
+    _check(g, u)
+    get_activation(act)
+    lead = g.shape[:-1]
+    n = 1
+    for s in lead:
+        n = n * s
+    r_total = sum(a.shape[0] for a in lora_a)
+    return [g.new_empty((*lead, weight.shape[0]), dtype=out_dtype), g.new_empty((n, r_total), dtype=lora_dtype)]
+
+
+@torch.library.custom_op("slothc::mlp_backward", mutates_args=())
+def mlp_backward(
+    dy: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    t: torch.Tensor,
+    act: str,
+    weight: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp``: h is recomputed, dg and du are written
+    over the buffers of dh and of the recomputed h."""
+    h = mlp_act_fwd(g, u, act)
+    dh, da, db = lora_linear_bwd(
+        [dy], h, t, [weight], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, True
+    )
+    dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))
+    return [dg, du, *da, *db]
+
+
+@mlp_backward.register_fake
+def _mlp_backward_fake(dy, g, u, t, act, weight, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
+    return [g.new_empty(g.shape), u.new_empty(u.shape), *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    g, u, act, weight, bias, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype = inputs
+    ctx.n_adapters = len(lora_a)
+    ctx.save_for_backward(g, u, output[1], weight, *lora_a, *lora_b)
+    ctx.config = (act, list(scaling), base_dtype, lora_dtype, out_dtype)
+
+
+def _mlp_autograd_backward(ctx, grads):
+    g, u, t, weight, *adapters = ctx.saved_tensors
+    lora_a, lora_b = adapters[: ctx.n_adapters], adapters[ctx.n_adapters :]
+    act, scaling, base_dtype, lora_dtype, out_dtype = ctx.config
+    dy = grads[0] if grads[0] is not None else torch.zeros((*g.shape[:-1], weight.shape[0]), dtype=out_dtype, device=g.device)
+    out = torch.ops.slothc.mlp_backward(dy, g, u, t, act, weight, list(lora_a), list(lora_b), scaling, base_dtype, lora_dtype, out_dtype)
+    dg, du = out[0], out[1]
+    da, db = list(out[2 : 2 + ctx.n_adapters]), list(out[2 + ctx.n_adapters :])
+    # torch.library matches the inputs' structure: an empty list input needs an empty list back.
+    no_scaling = [] if not scaling else None
+    return dg, du, None, None, None, da, db, no_scaling, None, None, None
+
+
+torch.library.register_autograd("slothc::mlp", _mlp_autograd_backward, setup_context=_mlp_setup_context)

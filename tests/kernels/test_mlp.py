@@ -1,0 +1,175 @@
+"""slothc::mlp_act and slothc::mlp against the eager MLP (``act(gate) * up`` -> PEFT down projection).
+
+The eager activation is transformers' ``ACT2FN`` spelling (``slothc.derive.eager_activation``, pinned
+to ACT2FN in tests/test_derive.py); the down projection is PEFT's LoRA ``Linear`` math
+(tests/kernels/test_lora_linear.py). Gate and up come as separate tensors or as the two halves of a
+fused ``gate_up`` projection (Phi-3: strided views). On CPU the kernels run in the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from slothc import testing
+from slothc.derive import ACTIVATIONS, eager_activation
+from slothc.kernels import mlp as mlp_module
+from tests.helpers import count_calls
+from tests.kernels.test_lora_linear import peft_lora_linear
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eager_mlp_act(g, u, act):
+    return eager_activation(act)(g) * u
+
+
+def _gate_up(shape, dtype, seed, form, scale=2.0):
+    """(g, u) leaves: separate tensors, or the chunks of one fused gate_up tensor."""
+    if form == "fused":
+        gu = testing.make_tensor((*shape[:-1], 2 * shape[-1]), dtype, seed, device=DEVICE, scale=scale)
+        g, u = gu.chunk(2, dim=-1)
+        return g.detach().requires_grad_(), u.detach().requires_grad_()
+    g = testing.make_tensor(shape, dtype, seed, device=DEVICE, scale=scale, layout=form, requires_grad=True)
+    u = testing.make_tensor(shape, dtype, seed + 1, device=DEVICE, requires_grad=True)
+    return g, u
+
+
+@given(
+    act=st.sampled_from(list(ACTIVATIONS)),
+    shape=testing.row_shapes(),
+    dtype=testing.dtypes(),
+    form=st.sampled_from(["contiguous", "padded", "transposed", "fused"]),
+    seed=testing.seeds(),
+)
+def test_mlp_act_matches_eager(act, shape, dtype, form, seed):
+    g, u = _gate_up(shape, dtype, seed, form)
+    testing.check_against_eager(
+        lambda g, u: torch.ops.slothc.mlp_act(g, u, act), lambda g, u: eager_mlp_act(g, u, act), g, u, seed=seed
+    )
+
+
+@st.composite
+def mlp_cases(draw):
+    scale = testing.size_scale()
+    setup = draw(st.sampled_from(["plain", "upcast"]))
+    dtype = draw(testing.dtypes()) if setup == "plain" else draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    inter = draw(st.integers(1, min(scale.max_cols, 512)))
+    hidden = draw(st.integers(1, min(scale.max_cols, 512)))
+    n_adapters = draw(st.integers(0, 2))
+    adapters = [(draw(st.integers(1, 64)), draw(st.sampled_from([0.5, 2.0, 16 / 8**0.5]))) for _ in range(n_adapters)]
+    rows = draw(st.integers(1, min(scale.max_rows * 8, 2048)))
+    return dict(act=draw(st.sampled_from(list(ACTIVATIONS))), setup=setup, dtype=dtype, inter=inter, hidden=hidden,
+                adapters=adapters, rows=rows, bias=draw(st.booleans()), form=draw(st.sampled_from(["contiguous", "fused"])),
+                seed=draw(testing.seeds()))
+
+
+def _mlp_args(case):
+    dtype, seed = case["dtype"], case["seed"]
+    a_dtype = dtype if case["setup"] == "plain" else torch.float32
+    g, u = _gate_up((case["rows"], case["inter"]), dtype, seed, case["form"])
+    w = testing.make_tensor((case["hidden"], case["inter"]), dtype, seed + 2, device=DEVICE, scale=case["inter"] ** -0.5)
+    b = testing.make_tensor((case["hidden"],), dtype, seed + 3, device=DEVICE) if case["bias"] else None
+    lora_a = [testing.make_tensor((r, case["inter"]), a_dtype, seed + 4 + i, device=DEVICE, scale=case["inter"] ** -0.5, requires_grad=True)
+              for i, (r, _) in enumerate(case["adapters"])]
+    lora_b = [testing.make_tensor((case["hidden"], r), a_dtype, seed + 8 + i, device=DEVICE, scale=r**-0.5, requires_grad=True)
+              for i, (r, _) in enumerate(case["adapters"])]
+    lora_dtype = a_dtype if case["adapters"] else dtype
+    return g, u, w, b, lora_a, lora_b, (dtype, lora_dtype, dtype)
+
+
+@given(case=mlp_cases())
+def test_mlp_matches_eager(case):
+    g, u, w, b, lora_a, lora_b, (base, lora, out) = _mlp_args(case)
+    act, scaling, n = case["act"], [s for _, s in case["adapters"]], len(case["adapters"])
+
+    def fused(g, u, w, b, *ab):
+        return torch.ops.slothc.mlp(g, u, act, w, b, list(ab[:n]), list(ab[n:]), scaling, base, lora, out)[0]
+
+    def eager(g, u, w, b, *ab):
+        return peft_lora_linear(eager_mlp_act(g, u, act), w, b, list(zip(ab[:n], ab[n:], scaling)))
+
+    testing.check_against_eager(fused, eager, g, u, w, b, *lora_a, *lora_b, seed=case["seed"])
+
+
+def test_mlp_keeps_gate_and_up_not_h(device):
+    """What the forward saves for the backward: g, u, the small h A^T, W and the adapters, never h."""
+    g, u = _gate_up((6, 40), torch.float32, 0, "contiguous")
+    w = torch.randn(24, 40, device=DEVICE)
+    a, b = torch.randn(4, 40, device=DEVICE, requires_grad=True), torch.randn(24, 4, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = torch.ops.slothc.mlp(g, u, "silu", w, None, [a], [b], [2.0], torch.float32, torch.float32, torch.float32)
+    assert sorted(saved) == sorted([(6, 40), (6, 40), (6, 4), (24, 40), (4, 40), (24, 4)])
+    y.sum().backward()
+    assert g.grad is not None and u.grad is not None and a.grad is not None and b.grad is not None
+
+
+def test_kernels_launch_where_triton_runs(monkeypatch):
+    from slothc.kernels import _launch
+
+    if not (torch.cuda.is_available() or _launch.interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    launched = []
+    for name in ("silu", "gelu_tanh"):
+        a = ACTIVATIONS[name]
+        for kernel in (a.fwd_kernel, a.bwd_kernel):
+            monkeypatch.setattr(kernel, "run", _counting(kernel.run, launched, kernel.fn.__name__))
+    for name in ("silu", "gelu_tanh"):
+        g, u = _gate_up((5, 33), torch.bfloat16, 1, "fused")
+        torch.ops.slothc.mlp_act(g, u, name).float().sum().backward()
+    assert sorted(launched) == sorted(["_mlp_silu_fwd_kernel", "_mlp_silu_bwd_kernel", "_mlp_gelu_tanh_fwd_kernel", "_mlp_gelu_tanh_bwd_kernel"])
+
+
+def _counting(run, launched, name):
+    def counted(*args, **kwargs):
+        launched.append(name)
+        return run(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu2"])
+def test_opcheck_mlp_act(act):
+    g, u = _gate_up((3, 4, 20), torch.float32, 0, "fused")
+    torch.library.opcheck(torch.ops.slothc.mlp_act.default, (g, u, act))
+    dh = torch.randn(3, 4, 20, device=DEVICE)
+    torch.library.opcheck(torch.ops.slothc.mlp_act_backward.default, (dh, g.detach(), u.detach(), act))
+
+
+@pytest.mark.parametrize("n_adapters", [0, 1, 2])
+def test_opcheck_mlp(n_adapters):
+    case = dict(act="gelu_tanh", setup="upcast" if n_adapters else "plain", dtype=torch.bfloat16 if n_adapters else torch.float32,
+                inter=24, hidden=16, adapters=[(4, 2.0), (2, 0.5)][:n_adapters], rows=6, bias=n_adapters == 1, form="fused", seed=0)
+    g, u, w, b, lora_a, lora_b, (base, lora, out) = _mlp_args(case)
+    scaling = [s for _, s in case["adapters"]]
+    args = (g, u, case["act"], w, b, lora_a, lora_b, scaling, base, lora, out)
+    torch.library.opcheck(torch.ops.slothc.mlp.default, args)
+    y, t = torch.ops.slothc.mlp(*args)
+    torch.library.opcheck(
+        torch.ops.slothc.mlp_backward.default,
+        (torch.randn_like(y), g.detach(), u.detach(), t.detach(), case["act"], w, [a.detach() for a in lora_a],
+         [b.detach() for b in lora_b], scaling, base, lora, out),
+    )
+
+
+def test_bad_input_is_a_clear_error():
+    g, u = torch.randn(4, 8), torch.randn(4, 9)
+    with pytest.raises(ValueError, match="must have one shape"):
+        torch.ops.slothc.mlp_act(g, u, "silu")
+    with pytest.raises(ValueError, match="must have one dtype"):
+        torch.ops.slothc.mlp_act(g, g.half(), "silu")
+    with pytest.raises(ValueError, match="unknown activation 'swish2'"):
+        torch.ops.slothc.mlp_act(g, g, "swish2")
+
+
+def test_reference_is_eager_mlp():
+    g, u = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(mlp_module.mlp_act_reference(g, u, "silu"), torch.nn.functional.silu(g) * u)
