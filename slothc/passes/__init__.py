@@ -1,8 +1,11 @@
 """Fusion passes: normalization, then one ordered rule set per fusion.
 
-``PASSES`` is the ordered list of (fusion name, RuleSet). It is built once, lazily (patterns are
-traced on first use, not at import time). Rule sets of one bucket are applied in order; a later
-fusion sees the graph that earlier ones produced.
+``fusion_passes()`` is the ordered list of (fusion name, RuleSet, finish). It is built once, lazily
+(patterns are traced on first use, not at import time). Rule sets are applied in order; a later
+fusion sees the graph that earlier ones produced. ``finish(graph, report, graph_index)`` (or None)
+runs on each graph after its fusion's rules, for rewrites across sites: LoRA projections that share
+an input become one call; an MLP's activation is merged with its down projection (which the LoRA
+fusion rewrote first).
 """
 
 from __future__ import annotations
@@ -17,22 +20,28 @@ from slothc.report import Report
 
 @functools.lru_cache(None)
 def fusion_passes() -> tuple:
-    from slothc.passes import layer_norm, linear_cross_entropy, rms_norm
+    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, rms_norm
 
     return (
-        ("rms_norm", rms_norm.RULES),
-        ("layer_norm", layer_norm.RULES),
-        ("linear_cross_entropy", linear_cross_entropy.RULES),
+        ("rms_norm", rms_norm.RULES, None),
+        ("layer_norm", layer_norm.RULES, None),
+        ("lora_linear", lora_linear.RULES, lora_linear.finish_graph),
+        ("mlp", mlp.RULES, mlp.finish_graph),
+        ("linear_cross_entropy", linear_cross_entropy.RULES, None),
     )
 
 
 def run(gm: torch.fx.GraphModule, opts: Options, report: Report, graph_index: int = 0) -> None:
     """Normalize ``gm`` (and its nested subgraphs) and apply every enabled fusion, in place."""
     from slothc.passes.matcher import apply
+    from slothc.passes.meta import graphs
     from slothc.passes.normalize import normalize
 
     normalize(gm)
-    for name, rules in fusion_passes():
+    for name, rules, finish in fusion_passes():
         if name in opts.enabled:
             apply(gm, rules, report, graph_index=graph_index, options=opts)
+            if finish is not None:
+                for graph in graphs(gm):
+                    finish(graph, report, graph_index)
     gm.recompile()

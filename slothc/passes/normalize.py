@@ -13,7 +13,8 @@ Canonical form
   ``bfloat16()``, ``double()``, ``type(dtype)``, ``type_as(y)``, ``to(dtype=...)``);
 - squares are ``torch.pow(x, 2)`` (integral float exponents become ints);
 - ``1 / sqrt(v)`` and ``reciprocal(sqrt(v))`` are ``torch.rsqrt(v)``; ``a / sqrt(v)`` is ``a * rsqrt(v)``;
-- ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy`` take every argument positionally, defaults filled;
+- ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy``, ``F.silu``, ``F.relu`` take every
+  argument positionally, defaults filled; ``F.gelu`` always has its keyword-only ``approximate``;
   reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``).
 
 Each rule is a small function ``rule(node) -> bool`` (changed or not) keyed by the targets it can
@@ -73,6 +74,8 @@ _TENSOR_TO_TORCH = {
     "sqrt": torch.sqrt,
     "reciprocal": torch.reciprocal,
     "square": torch.square,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
     "__pow__": torch.pow,
 }
 
@@ -82,6 +85,8 @@ _SIGNATURES = {
     torch.mean: (("input", "dim", "keepdim"), {"keepdim": False}),
     F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}),
     torch.pow: (("input", "exponent"), {}),
+    F.silu: (("input", "inplace"), {"inplace": False}),
+    F.relu: (("input", "inplace"), {"inplace": False}),
     F.cross_entropy: (
         ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
         {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None, "reduction": "mean", "label_smoothing": 0.0},
@@ -202,6 +207,14 @@ def _positional_rule(node: Node) -> bool:
     return True
 
 
+def _gelu_rule(node: Node) -> bool:
+    """``gelu(x)`` -> ``gelu(x, approximate="none")``: the keyword (keyword-only in torch) always given."""
+    if len(node.args) != 1 or "approximate" in node.kwargs or set(node.kwargs):
+        return False
+    _set(node, node.target, node.args, {"approximate": "none"})
+    return True
+
+
 def _mean_dim_rule(node: Node) -> bool:
     """``mean(x, [d])`` -> ``mean(x, d)``; non-negative dims -> negative (needs the input's rank)."""
     if _positional_rule(node):
@@ -278,6 +291,9 @@ _RULES = {
     F.linear: (_positional_rule,),
     F.layer_norm: (_positional_rule,),
     F.cross_entropy: (_positional_rule,),
+    F.silu: (_positional_rule,),
+    F.relu: (_positional_rule,),
+    F.gelu: (_gelu_rule,),
     torch.mean: (_mean_dim_rule,),
     torch.pow: (_pow_rule,),
     operator.pow: (_pow_rule,),

@@ -73,12 +73,20 @@ def _step(model, batch, autocast: bool, fp64: bool = False):
     return loss.detach(), grads
 
 
-def _assert_close_to_reference(name, fused, eager, ref, k):
-    """max|fused - ref| <= k * max|eager - ref| + a floor of fp32 rounding of the reference."""
+# Under bf16 autocast a scalar loss is one sample of rounding noise: eager's error on it may by luck
+# be far under its typical size, and fused LoRA linears round in other places (measured on tiny
+# Qwen3 over 4 seeds: eager 5e-5..2e-3, fused 2e-4..1.5e-3 at a loss of 5.5). The loss gets a
+# floor of 2^-11 of its value (an eighth of a bf16 ulp); every gradient is still judged elementwise.
+SCALAR_AUTOCAST_FLOOR = 2.0**-11
+
+
+def _assert_close_to_reference(name, fused, eager, ref, k, rel_floor=0.0):
+    """max|fused - ref| <= k * max|eager - ref| + a floor of fp32 rounding of the reference
+    (or ``rel_floor`` of its largest element, if larger)."""
     fused, eager, ref = (t.double() for t in (fused, eager, ref))
     err_fused = (fused - ref).abs().max().item()
     err_eager = (eager - ref).abs().max().item()
-    floor = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    floor = max(4 * torch.finfo(torch.float32).eps, rel_floor) * ref.abs().max().item()
     assert err_fused <= k * err_eager + floor, f"{name}: slothc error {err_fused:.3g} > {k} x eager error {err_eager:.3g} + {floor:.3g}"
 
 
@@ -107,7 +115,7 @@ def _check_training_step(config, autocast, options, gradient_checkpointing=False
     torch._dynamo.reset()
 
     k = 2.0 if not autocast else 3.0
-    _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k)
+    _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k, SCALAR_AUTOCAST_FLOOR if autocast else 0.0)
     if not autocast:
         torch.testing.assert_close(fused_loss, eager_loss)
     for name in ref_grads:

@@ -1,0 +1,344 @@
+"""LoRA linear: PEFT's ``lora.Linear`` as Dynamo captures it, rewritten to ``slothc::lora_linear``.
+
+PEFT's ``Linear.forward`` (any target module name, any rank) reads, after normalization::
+
+    result = linear(x, W, bias)                                  # the frozen base layer
+    result = result + linear(linear(xa, A), B) * scaling         # once per active adapter
+    return result.to(torch_result_dtype)
+
+where ``xa`` is ``x``, or ``x.to(A.dtype)`` (PEFT casts the input to the adapters' dtype, e.g. bf16
+activations and fp32 adapters), or ``dropout(...)`` of either. ``scaling`` is ``lora_alpha / r`` or,
+with rsLoRA, ``lora_alpha / sqrt(r)``: a constant in the graph. One or two active adapters are matched
+(summed, each with its own scale).
+
+Skipped, with the reason in the report:
+
+- dropout with ``p > 0`` in training mode (the fused op has no dropout; ``p = 0`` is PEFT's
+  ``nn.Identity`` and leaves no node, and dropout in eval mode is the identity);
+- a trainable base weight or bias (full fine-tuning of that layer: the op computes no dW);
+- the adapters' low-rank branch in another form: DoRA, other LoRA variants, more than two adapters;
+- LoRA on an embedding or a convolution.
+
+After the rewrite, projections that read the same ``x`` (q/k/v, gate/up, and any others) are merged
+into one ``slothc::lora_linear`` call (:func:`group_shared_inputs`): ``x`` is then read once for all
+their adapters' down-projections, forward and backward (see ``slothc/kernels/lora_linear.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+import slothc.kernels.lora_linear  # noqa: F401  (registers torch.ops.slothc.lora_linear)
+from slothc.passes.matcher import NOT_A_CANDIDATE, Rule, RuleSet
+from slothc.passes.meta import propagate, val
+from slothc.report import module_path
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+DROPOUT_IN_TRAINING = "lora dropout > 0 in training (the fused op has no dropout; set lora_dropout=0)"
+TRAINABLE_BASE = "base weight or bias is trainable (the fused op computes no dW)"
+SCALING_NOT_CONSTANT = "lora scaling is not a constant"
+NOT_PEFT_FORM = "low-rank branch not in PEFT's plain LoRA form (DoRA, another variant, or more than two adapters)"
+ON_EMBEDDING = "LoRA on an embedding"
+ON_CONVOLUTION = "LoRA on a convolution"
+INPUT_MISMATCH = "the adapters read another input than the base layer"
+UNSUPPORTED_DTYPE = "dtype is not fp32, bf16 or fp16"
+UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
+SHAPES = "weight shapes do not form a LoRA linear"
+
+_LINEAR = torch._C._nn.linear
+_DROPOUT = F.dropout
+_CONVS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
+
+
+# -- patterns ----------------------------------------------------------------------------------------
+
+
+def _lora_linear_one_adapter_pattern(x, xa, weight, bias, lora_a, lora_b, scaling, dtype):
+    result = F.linear(x, weight, bias)
+    result = result + F.linear(F.linear(xa, lora_a), lora_b) * scaling
+    return result.to(dtype)
+
+
+def _lora_linear_two_adapters_pattern(x, xa, xa2, weight, bias, lora_a, lora_b, scaling, lora_a2, lora_b2, scaling2, dtype):
+    result = F.linear(x, weight, bias)
+    result = result + F.linear(F.linear(xa, lora_a), lora_b) * scaling
+    result = result + F.linear(F.linear(xa2, lora_a2), lora_b2) * scaling2
+    return result.to(dtype)
+
+
+def _lora_branch_pattern(xa, lora_a, lora_b, scaling):
+    return F.linear(F.linear(xa, lora_a), lora_b) * scaling
+
+
+def _lora_embedding_pattern(after_a, embedding_b, scaling):
+    return (after_a @ embedding_b) * scaling
+
+
+def _lora_conv_pattern(branch, scaling):
+    return branch * scaling
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def _adapter_input(xa, x) -> tuple[bool, str | None]:
+    """Peel PEFT's cast and dropout off ``xa``: (reaches ``x``, reason to skip or None)."""
+    node = xa
+    while isinstance(node, Node) and node is not x:
+        if node.op != "call_function":
+            return False, None
+        if node.target is torch.Tensor.to and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs:
+            node = node.args[0]
+        elif node.target is _DROPOUT:
+            args = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
+            p, training = args.get("p", 0.5), args.get("training", True)
+            if isinstance(p, Node) or isinstance(training, Node):
+                return True, DROPOUT_IN_TRAINING
+            if p > 0 and training:
+                return True, DROPOUT_IN_TRAINING
+            node = args["input"]
+        else:
+            return False, None
+    return node is x, None
+
+
+def _adapters(m) -> list[tuple[str, str, str, str]]:
+    """(xa, lora_a, lora_b, scaling) capture names of the matched adapters."""
+    if "lora_a2" in m.captures:
+        return [("xa", "lora_a", "lora_b", "scaling"), ("xa2", "lora_a2", "lora_b2", "scaling2")]
+    return [("xa", "lora_a", "lora_b", "scaling")]
+
+
+def _frozen(v) -> bool:
+    return v is None or (isinstance(v, torch.Tensor) and not v.requires_grad)
+
+
+def _lora_linear_check(m) -> str | None:
+    x, w = m.val("x"), m.val("weight")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return NOT_A_CANDIDATE
+    for xa_name, a_name, b_name, s_name in _adapters(m):
+        reaches, reason = _adapter_input(m[xa_name], m["x"])
+        if reason is not None:
+            return _mark_reported(m, reason)
+        if not reaches:
+            return _mark_reported(m, INPUT_MISMATCH)
+        if isinstance(m[s_name], Node) or not isinstance(m[s_name], (int, float)) or isinstance(m[s_name], bool):
+            return _mark_reported(m, SCALING_NOT_CONSTANT)
+        a, b = m.val(a_name), m.val(b_name)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
+            return _mark_reported(m, SHAPES)
+        if a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0] or b.shape[0] != w.shape[0]:
+            return _mark_reported(m, SHAPES)
+        if a.dtype not in SUPPORTED_DTYPES or b.dtype not in SUPPORTED_DTYPES:
+            return _mark_reported(m, UNSUPPORTED_DTYPE)
+    if not _frozen(w) or not _frozen(m.val("bias")):
+        return _mark_reported(m, TRAINABLE_BASE)
+    if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        return _mark_reported(m, SHAPES)
+    if x.device.type not in ("cuda", "cpu"):
+        return _mark_reported(m, UNSUPPORTED_DEVICE)
+    dtypes = _dtypes(m)
+    if any(d not in SUPPORTED_DTYPES for d in (x.dtype, w.dtype, *dtypes)):
+        return _mark_reported(m, UNSUPPORTED_DTYPE)
+    if len({_dtype_of(m, a) for _, a, _, _ in _adapters(m)}) != 1:
+        return _mark_reported(m, UNSUPPORTED_DTYPE)
+    return None
+
+
+def _mark_reported(m, reason: str) -> str:
+    # The branch rule below must not report these adapters a second time.
+    for node in m.nodes:
+        node.meta["slothc_lora_reported"] = True
+    return reason
+
+
+def _base_node(m) -> Node:
+    return next(n for n in m.nodes if n.target is _LINEAR and n.args[0] is m["x"] and n.args[1] is m["weight"])
+
+
+def _branch_node(m, a_name: str) -> Node:
+    """The ``linear(linear(xa, A), B)`` node of an adapter."""
+    inner = next(n for n in m.nodes if n.target is _LINEAR and n.args[1] is m[a_name])
+    return next(iter(inner.users))
+
+
+def _dtype_of(m, a_name: str) -> torch.dtype:
+    return val(_branch_node(m, a_name)).dtype
+
+
+def _dtypes(m) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(base, lora, out) dtypes: what the base linear, the adapters' product and the final cast give."""
+    base = val(_base_node(m)).dtype
+    lora = _dtype_of(m, _adapters(m)[0][1])
+    return base, lora, m.out.dtype
+
+
+def _lora_branch_check(m) -> str | None:
+    if m.root.meta.get("slothc_lora_reported"):
+        return NOT_A_CANDIDATE
+    a, b = m.val("lora_a"), m.val("lora_b")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
+        return NOT_A_CANDIDATE
+    # An adapter: trainable, and of lower rank than the layer it adapts.
+    if not (a.requires_grad or b.requires_grad) or not a.shape[0] < min(a.shape[1], b.shape[0]):
+        return NOT_A_CANDIDATE
+    return NOT_PEFT_FORM
+
+
+def _lora_embedding_check(m) -> str | None:
+    after_a = m["after_a"]
+    if isinstance(after_a, Node) and after_a.op == "call_function" and after_a.target is F.embedding:
+        return ON_EMBEDDING
+    return NOT_A_CANDIDATE
+
+
+def _lora_conv_check(m) -> str | None:
+    branch = m["branch"]
+    if (
+        isinstance(branch, Node)
+        and branch.target in _CONVS
+        and isinstance(branch.args[0], Node)
+        and branch.args[0].target in _CONVS
+        and isinstance(m["scaling"], (int, float))
+    ):
+        return ON_CONVOLUTION
+    return NOT_A_CANDIDATE
+
+
+# -- replacement -------------------------------------------------------------------------------------
+
+
+def _lora_linear_replacement(m, x, weight, bias, dtype, **adapters):
+    base, lora, out = _dtypes(m)
+    names = _adapters(m)
+    outs = torch.ops.slothc.lora_linear.default(
+        x,
+        [weight],
+        [bias],
+        [adapters[a] for _, a, _, _ in names],
+        [adapters[b] for _, _, b, _ in names],
+        [float(adapters[s]) for _, _, _, s in names],
+        [0] * len(names),
+        base,
+        lora,
+        out,
+    )
+    m.state["variant"] = "peft" if len(names) == 1 else f"peft ({len(names)} adapters)"
+    return outs[0]
+
+
+def _drop_xa(fn):
+    # The replacement reads x itself (the cast and a no-op dropout are not needed).
+    def replacement(m, xa, xa2=None, **captures):
+        return fn(m, **captures)
+
+    replacement.__name__ = fn.__name__
+    return replacement
+
+
+RULES = RuleSet(
+    [
+        Rule("lora_linear", "peft", _lora_linear_two_adapters_pattern, _drop_xa(_lora_linear_replacement), _lora_linear_check),
+        Rule("lora_linear", "peft", _lora_linear_one_adapter_pattern, _drop_xa(_lora_linear_replacement), _lora_linear_check),
+        Rule("lora_linear", "branch", _lora_branch_pattern, None, _lora_branch_check),
+        Rule("lora_linear", "embedding", _lora_embedding_pattern, None, _lora_embedding_check),
+        Rule("lora_linear", "conv", _lora_conv_pattern, None, _lora_conv_check),
+    ]
+)
+
+
+# -- shared inputs -----------------------------------------------------------------------------------
+
+_OP = torch.ops.slothc.lora_linear.default
+_N_ARGS = 10
+
+
+def _is_op(node: Node) -> bool:
+    return node.op == "call_function" and node.target in (_OP, torch.ops.slothc.lora_linear)
+
+
+def finish_graph(graph: Graph, report, graph_index: int = 0) -> None:
+    """After the rules: merge the projections that share an input; note it in their report sites."""
+    for modules in group_shared_inputs(graph):
+        _mark_shared(report, graph_index, modules)
+
+
+def _mark_shared(report, graph_index: int, modules: list) -> None:
+    sites = report.fused.get("lora_linear", [])
+    remaining = list(modules)
+    for i, site in enumerate(sites):
+        if site.graph == graph_index and site.module in remaining:
+            remaining.remove(site.module)
+            sites[i] = dataclasses.replace(site, variant=f"{site.variant}, input shared by {len(modules)}")
+
+
+def group_shared_inputs(graph: Graph) -> list[list[str]]:
+    """Merge ``slothc::lora_linear`` calls that read the same input with the same dtypes into one.
+
+    The merged call is placed where the first of them was; a call whose operands are only defined
+    later in the graph (e.g. a weight cast computed just before it) is left on its own. Returns the
+    module paths of each merged group.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    buckets: dict = {}
+    for node in graph.nodes:
+        if _is_op(node) and len(node.args) == _N_ARGS and not node.kwargs:
+            x, *_, base, lora, out = node.args
+            buckets.setdefault((x, base, lora, out), []).append(node)
+    groups = []
+    for (x, base, lora, out), nodes in buckets.items():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        mergeable = [first] + [
+            n for n in nodes[1:] if all(order[d] < order[first] for d in n.all_input_nodes)
+        ]
+        if len(mergeable) < 2:
+            continue
+        modules = [module_path(n) for n in mergeable]
+        if _merge(graph, mergeable):
+            groups.append(modules)
+    return groups
+
+
+def _merge(graph: Graph, nodes: list) -> int:
+    first = nodes[0]
+    x, base, lora, out = first.args[0], first.args[7], first.args[8], first.args[9]
+    weights, biases, lora_a, lora_b, scaling, proj = [], [], [], [], [], []
+    for n in nodes:
+        _, w, b, a, bb, s, p, *_ = n.args
+        offset = len(weights)
+        weights += list(w)
+        biases += list(b)
+        lora_a += list(a)
+        lora_b += list(bb)
+        scaling += list(s)
+        proj += [offset + q for q in p]
+    with graph.inserting_before(first):
+        merged = graph.call_function(_OP, (x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out))
+        getters = [graph.call_function(operator.getitem, (merged, i)) for i in range(len(weights))]
+    if not propagate([merged, *getters], first):
+        for node in reversed([merged, *getters]):
+            graph.erase_node(node)
+        return False
+    offset = 0
+    for n in nodes:
+        n_proj = len(n.args[1])
+        for user in list(n.users):
+            if user.target is operator.getitem and isinstance(user.args[1], int) and user.args[1] < n_proj:
+                user.replace_all_uses_with(getters[offset + user.args[1]])
+        offset += n_proj
+    for n in nodes:
+        for user in list(n.users):
+            if not user.users:
+                graph.erase_node(user)
+        if not n.users:
+            graph.erase_node(n)
+    return True
