@@ -534,6 +534,7 @@ class FwdBwdCase:
     params: list
     bytes_moved: dict
     extra: Optional[dict] = None
+    flops: Optional[dict] = None  # matmul-bound ops: flops per mode (rows then carry tflops, frac_matmul_peak)
 
 
 def run_fwd_bwd(
@@ -631,7 +632,7 @@ def run_fwd_bwd(
             continue
         timed = time_provider(fn, sets, case.params, device, modes=modes, rep_ms=rep_ms, warmup_ms=warmup_ms)
         for mode, (timing, fields) in timed.items():
-            kw = dict(bytes_moved=case.bytes_moved[mode], **errs, **fields)
+            kw = dict(bytes_moved=case.bytes_moved[mode], flops=(case.flops or {}).get(mode), **errs, **fields)
             if timing is None:
                 add(name, mode, status="error", **kw)
             else:

@@ -15,9 +15,11 @@ import torch
 import slothc.kernels.cross_entropy  # noqa: F401  (registers slothc::cross_entropy)
 import slothc.kernels.layer_norm  # noqa: F401  (registers slothc::layer_norm)
 import slothc.kernels.linear_cross_entropy  # noqa: F401  (registers slothc::linear_cross_entropy)
+import slothc.kernels.lora_linear  # noqa: F401  (registers slothc::lora_linear)
+import slothc.kernels.mlp  # noqa: F401  (registers slothc::mlp, slothc::mlp_act)
 import slothc.kernels.rms_norm  # noqa: F401  (registers slothc::rms_norm)
 
-__all__ = ["rms_norm", "layer_norm", "linear_cross_entropy"]
+__all__ = ["rms_norm", "layer_norm", "linear_cross_entropy", "lora_linear", "mlp"]
 
 
 def rms_norm(
@@ -71,3 +73,41 @@ def linear_cross_entropy(
         float(label_smoothing), float(logit_scale), float(softcap), compute_grad, compute_dw,
     )
     return loss
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + sum_i scaling[i] * F.linear(F.linear(x, A_i), B_i)`` with a frozen
+    ``weight`` (and bias): PEFT's LoRA ``Linear`` with its adapters ``(A_i, B_i)``. Computed in
+    ``dtype`` (default: x's; under autocast pass the autocast dtype), gradients for x, A_i and B_i.
+    ``torch.ops.slothc.lora_linear`` takes several projections of one input at once."""
+    dtype = dtype or x.dtype
+    outs = torch.ops.slothc.lora_linear(x, [weight], [bias], list(lora_a), list(lora_b), [float(s) for s in scaling],
+                                        [0] * len(lora_a), dtype, dtype, dtype)
+    return outs[0]
+
+
+def mlp(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: str,
+    weight: torch.Tensor,
+    lora_a: Optional[list[torch.Tensor]] = None,
+    lora_b: Optional[list[torch.Tensor]] = None,
+    scaling: Optional[list[float]] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``down(act(gate) * up)``: ``act`` one of ``slothc.derive.ACTIVATIONS`` ("silu", "gelu",
+    "gelu_tanh", "relu", "relu2", "quick_gelu"), ``down`` a frozen linear (``weight``, ``bias``) with
+    optional LoRA adapters. The product ``act(gate) * up`` is not kept for the backward."""
+    lora_a, lora_b, scaling = list(lora_a or []), list(lora_b or []), [float(s) for s in (scaling or [])]
+    dtype = gate.dtype
+    return torch.ops.slothc.mlp(gate, up, act, weight, bias, lora_a, lora_b, scaling, dtype, dtype, dtype)[0]

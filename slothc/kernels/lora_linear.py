@@ -48,9 +48,34 @@ Inductor treats it as one opaque call and AOTAutograd uses the backward above.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
+
+from slothc.kernels._launch import use_triton
+
+# How the fused (one-dtype, 16-bit) path computes ``P Q + L R``: "cublas" composes cuBLAS calls
+# (``addmm(L @ R, P, Q)``: the update is written and re-read once), "triton" runs one Triton GEMM
+# with the update in its epilogue (slothc/kernels/lora_mm.py). Chosen by measurement on the GPU
+# (bench/bench_lora_linear.py times both); SLOTHC_LORA_MM overrides it.
+LORA_MM = os.environ.get("SLOTHC_LORA_MM", "cublas")
+if LORA_MM not in ("cublas", "triton"):
+    raise ValueError(f"SLOTHC_LORA_MM={LORA_MM!r}: expected 'cublas' or 'triton'")
+
+
+def _triton_mm(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return LORA_MM == "triton" and use_triton(x) and dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_plus_low_rank(p, q, l, r, bias=None):
+    """``p @ q + l @ r (+ bias)`` for the fused path (one dtype): one Triton kernel or two cuBLAS calls."""
+    if _triton_mm(p, p.dtype):
+        from slothc.kernels.lora_mm import lora_mm
+
+        return lora_mm(p, q, l, r, bias)
+    c = torch.addmm(bias, l, r) if bias is not None else l @ r
+    return torch.addmm(c, p, q)
 
 # --------------------------------------------------------------------------------------------
 # Layout of one call: projections, and adapters assigned to them
@@ -165,8 +190,7 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
                 t_p = t[:, cols[0]] if len(members) == 1 else torch.cat([t[:, c] for c in cols], dim=1)
                 b_p = torch.cat([_scaled_b(lora_b, scaling, i, lora_dtype) for i in members], dim=1)
             if fused and members:
-                c = torch.addmm(b.to(base_dtype), t_p, b_p.t()) if b is not None else t_p @ b_p.t()
-                y = torch.addmm(c, xb, w.t())
+                y = _mm_plus_low_rank(xb, w.t(), t_p, b_p.t(), b.to(base_dtype) if b is not None else None)
             elif fused:
                 y = torch.addmm(b.to(base_dtype), xb, w.t()) if b is not None else xb @ w.t()
             else:
@@ -215,10 +239,15 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
             a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
             projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
             if fused:
-                acc = g_all @ a_all if r_total else None
-                for dy, w in projections:
+                acc = None
+                for j, (dy, w) in enumerate(projections):
                     wb = w.to(base_dtype)
-                    acc = torch.addmm(acc, dy, wb) if acc is not None else dy @ wb
+                    if j == 0 and r_total:
+                        acc = _mm_plus_low_rank(dy, wb, g_all, a_all)
+                    else:
+                        acc = torch.addmm(acc, dy, wb) if acc is not None else dy @ wb
+                if acc is None and r_total:
+                    acc = g_all @ a_all
                 dx = acc if acc is not None else x2.new_zeros((n, k), dtype=base_dtype)
             else:
                 promoted = torch.promote_types(base_dtype, lora_dtype)

@@ -106,9 +106,12 @@ def _make(case):
     weights = [testing.make_tensor((m, k), x_dtype, seed + 1 + p, device=DEVICE, scale=k**-0.5) for p, m in enumerate(case["outs"])]
     biases = [testing.make_tensor((m,), x_dtype, seed + 10 + p, device=DEVICE) if b else None for p, (m, b) in enumerate(zip(case["outs"], case["bias"]))]
     lora_a, lora_b = [], []
-    for i, (p, r, _) in enumerate(case["adapters"]):
+    for i, (p, r, s) in enumerate(case["adapters"]):
+        # B ~ 1 / (s sqrt(r)): the update s x A^T B^T is O(1) like the base product (a trained B is
+        # small); a large one would make every output a cancellation of large terms.
         lora_a.append(testing.make_tensor((r, k), a_dtype, seed + 20 + i, device=DEVICE, scale=k**-0.5, requires_grad=True))
-        lora_b.append(testing.make_tensor((case["outs"][p], r), a_dtype, seed + 40 + i, device=DEVICE, scale=r**-0.5, requires_grad=True))
+        lora_b.append(testing.make_tensor((case["outs"][p], r), a_dtype, seed + 40 + i, device=DEVICE,
+                                          scale=r**-0.5 / max(1.0, s), requires_grad=True))
     return x, weights, biases, lora_a, lora_b
 
 
@@ -139,11 +142,33 @@ def _fns(case):
     return fused, eager
 
 
+@pytest.mark.parametrize("lora_mm", ["cublas", "triton"])
 @given(case=lora_cases())
-def test_lora_linear_matches_eager_peft(case):
+def test_lora_linear_matches_eager_peft(lora_mm, case):
+    # Both implementations of the fused path's "P Q + L R" (slothc/kernels/lora_mm.py): the Triton
+    # one runs for 16-bit dtypes where Triton runs (the GPU, or the interpreter on CPU).
     x, weights, biases, lora_a, lora_b = _make(case)
     fused, eager = _fns(case)
-    testing.check_against_eager(fused, eager, x, *weights, *biases, *lora_a, *lora_b, seed=case["seed"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_module, "LORA_MM", lora_mm)
+        testing.check_against_eager(fused, eager, x, *weights, *biases, *lora_a, *lora_b, seed=case["seed"])
+
+
+def test_triton_epilogue_matmul_is_used_when_selected(monkeypatch):
+    from slothc.kernels import _launch, lora_mm
+
+    if not (torch.cuda.is_available() or _launch.interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    calls = []
+    monkeypatch.setattr(lora_module, "LORA_MM", "triton")
+    original = lora_mm.lora_mm
+    monkeypatch.setattr(lora_mm, "lora_mm", lambda *a: calls.append(a[0].shape) or original(*a))
+    case = dict(setup="plain", dtype=torch.bfloat16, k=40, outs=[24, 8], adapters=[(0, 4, 2.0), (1, 2, 2.0)], lead=(6,),
+                bias=[True, False], layout="contiguous", need_dx=True, seed=2)
+    x, weights, biases, lora_a, lora_b = _make(case)
+    fused, eager = _fns(case)
+    testing.check_against_eager(fused, eager, x, *weights, *biases, *lora_a, *lora_b)
+    assert len(calls) >= 3  # two forward projections and the dX product (per run: fused, then grads)
 
 
 @given(case=lora_cases())
