@@ -17,10 +17,10 @@ Providers:
 - ``eager``: the PEFT layer, un-compiled.
 - ``inductor``: ``torch.compile`` of the same function (default options).
 - ``slothc``: ``torch.compile(fn, backend="slothc")``: the pass rewrites the layer to
-  ``slothc::lora_linear`` (the rows record that it did, ``fused``), Inductor compiles the rest; the
-  op's matmuls are cuBLAS calls (``LORA_MM = "cublas"``: ``addmm(T (sB)^T, X, W^T)``).
-- ``slothc_triton``: the same with ``LORA_MM = "triton"``: the base product and the low-rank update
-  in one Triton GEMM (``slothc/kernels/lora_mm.py``). The two rows decide the default.
+  ``slothc::lora_linear`` (the rows record that it did, ``fused``), Inductor compiles the rest.
+  (A Triton GEMM with the low-rank update in its epilogue was measured too, as ``slothc_triton``,
+  and lost to the op's cuBLAS composition at every shape:
+  bench/results/2026-12-01-h200-lora-epilogue-trial.jsonl.)
 
 Set-ups (``--setups``): ``bf16`` (W, A, B and x in bf16, no autocast) and ``autocast`` (W and x bf16,
 A and B fp32: PEFT's default ``autocast_adapter_dtype``, under ``torch.autocast(bf16)`` as
@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _harness, and this checkout's slothc over any installed one
 
 OP = "lora_linear"
-PROVIDERS = ("base_matmul", "eager", "inductor", "slothc", "slothc_triton")
+PROVIDERS = ("base_matmul", "eager", "inductor", "slothc")
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 TOKENS = 8192
 RANK, ALPHA = 16, 32
@@ -94,14 +94,12 @@ def providers(names, layer, autocast, fused_flag):
         torch._dynamo.reset()
         return torch.compile(fn)
 
-    table = {"eager": eager, "inductor": inductor, "slothc": slothc_builder(fn, "cublas", fused_flag, OP),
-             "slothc_triton": slothc_builder(fn, "triton", fused_flag, OP)}
+    table = {"eager": eager, "inductor": inductor, "slothc": slothc_builder(fn, fused_flag, OP)}
     return {n: table[n] for n in ["eager"] + [n for n in names if n not in ("eager", "base_matmul")]}
 
 
-def slothc_builder(fn, lora_mm: str, fused_flag: dict, fusions):
-    """A builder of ``torch.compile(fn, backend="slothc")`` whose LoRA matmuls run ``lora_mm``
-    ("cublas": cuBLAS calls; "triton": the epilogue GEMM of slothc/kernels/lora_mm.py)."""
+def slothc_builder(fn, fused_flag: dict, fusions):
+    """A builder of ``torch.compile(fn, backend="slothc")``; the call records the report's counts."""
 
     def build():
         import torch
@@ -110,7 +108,6 @@ def slothc_builder(fn, lora_mm: str, fused_flag: dict, fusions):
 
         try:
             import slothc
-            from slothc.kernels import lora_linear as lora_kernels
         except Exception as e:  # noqa: BLE001
             raise Skip(f"slothc not importable: {type(e).__name__}: {e}") from None
         torch._dynamo.reset()
@@ -119,7 +116,6 @@ def slothc_builder(fn, lora_mm: str, fused_flag: dict, fusions):
         names = (fusions,) if isinstance(fusions, str) else tuple(fusions)
 
         def call(*args):
-            lora_kernels.LORA_MM = lora_mm  # read by the op at run time (the op is opaque to the graph)
             y = compiled(*args)
             fused_flag["fused"] = {k: report.count(k) for k in names}
             return y

@@ -17,8 +17,7 @@ Providers:
 - ``eager``: the PEFT block, un-compiled.
 - ``inductor``: ``torch.compile`` of it.
 - ``slothc``: ``torch.compile(fn, backend="slothc")``: gate and up become one ``slothc::lora_linear``
-  call (shared input), the activation and the down projection one ``slothc::mlp``; ``slothc_triton``
-  the same with the LoRA matmuls in the Triton epilogue GEMM (see ``bench_lora_linear.py``).
+  call (shared input), the activation and the down projection one ``slothc::mlp``.
 
 The rate columns are TFLOP/s of the base matmuls (3 x 2 x tokens x hidden x intermediate a pass: 1
 pass in ``fwd``, 2 in ``full``) against the measured bf16 matmul rate. Peak memory of one forward +
@@ -36,7 +35,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import bench_lora_linear as L  # noqa: E402
 
 OP = "mlp"
-PROVIDERS = ("base_mlp", "eager", "inductor", "slothc", "slothc_triton")
+PROVIDERS = ("base_mlp", "eager", "inductor", "slothc")
 HIDDEN, INTER, TOKENS = 4096, 14336, 8192
 NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -102,8 +101,7 @@ def providers(names, block, autocast, fused_flag):
         torch._dynamo.reset()
         return torch.compile(fn)
 
-    table = {"eager": eager, "inductor": inductor, "slothc": L.slothc_builder(fn, "cublas", fused_flag, ("lora_linear", "mlp")),
-             "slothc_triton": L.slothc_builder(fn, "triton", fused_flag, ("lora_linear", "mlp"))}
+    table = {"eager": eager, "inductor": inductor, "slothc": L.slothc_builder(fn, fused_flag, ("lora_linear", "mlp"))}
     return {n: table[n] for n in ["eager"] + [n for n in names if n not in ("eager", "base_mlp")]}
 
 

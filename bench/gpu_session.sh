@@ -122,7 +122,7 @@ ac = getattr(ic, "auto_chunker", None)
 print("inductor auto_chunker:", "missing" if ac is None else
       {k: getattr(ac, k) for k in ("enable", "output_size_threshold", "amplify_ratio_threshold", "num_chunk") if hasattr(ac, k)})
 import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm, liger_kernel.ops.fused_linear_cross_entropy  # noqa: E401,F401
-import slothc.ops, slothc.kernels.mlp, slothc.kernels.lora_mm  # noqa: E401,F401  the ops register on import
+import slothc.ops  # noqa: E401,F401  the ops register on import
 print("imports ok: liger_kernel ops; torch.ops.slothc:", sorted(n for n in dir(torch.ops.slothc) if not n.startswith("_")))
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch")

@@ -48,34 +48,24 @@ Inductor treats it as one opaque call and AOTAutograd uses the backward above.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
-from slothc.kernels._launch import use_triton
-
-# How the fused (one-dtype, 16-bit) path computes ``P Q + L R``: "cublas" composes cuBLAS calls
-# (``addmm(L @ R, P, Q)``: the update is written and re-read once), "triton" runs one Triton GEMM
-# with the update in its epilogue (slothc/kernels/lora_mm.py). Chosen by measurement on the GPU
-# (bench/bench_lora_linear.py times both); SLOTHC_LORA_MM overrides it.
-LORA_MM = os.environ.get("SLOTHC_LORA_MM", "cublas")
-if LORA_MM not in ("cublas", "triton"):
-    raise ValueError(f"SLOTHC_LORA_MM={LORA_MM!r}: expected 'cublas' or 'triton'")
-
-
-def _triton_mm(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return LORA_MM == "triton" and use_triton(x) and dtype in (torch.bfloat16, torch.float16)
-
 
 def _mm_plus_low_rank(p, q, l, r, bias=None):
-    """``p @ q + l @ r (+ bias)`` for the fused path (one dtype): one Triton kernel or two cuBLAS calls."""
-    if _triton_mm(p, p.dtype):
-        from slothc.kernels.lora_mm import lora_mm
+    """``p @ q + l @ r (+ bias)`` for the fused path (one dtype): ``l @ r`` (small K) first, then the
+    big product accumulated onto it in place: cuBLAS reads it as C in the epilogue, overlapped with
+    the compute. In place, because ``torch.addmm(c, p, q)`` into a new tensor first copies c there
+    (a device-to-device copy of the whole output: measured 17 us a call at 8192 x 4096 on an H200).
 
-        return lora_mm(p, q, l, r, bias)
+    Measured against one Triton GEMM with the update in its epilogue on an H200 (bf16, 8192 tokens,
+    r=16; bench/results/2026-12-01-h200-lora-epilogue-trial.jsonl): the Triton kernel reached 76-88%
+    of the matmul peak where this composition reached 81-97%, so it was dropped.
+    """
     c = torch.addmm(bias, l, r) if bias is not None else l @ r
-    return torch.addmm(c, p, q)
+    return c.addmm_(p, q)
+
 
 # --------------------------------------------------------------------------------------------
 # Layout of one call: projections, and adapters assigned to them
@@ -192,7 +182,7 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
             if fused and members:
                 y = _mm_plus_low_rank(xb, w.t(), t_p, b_p.t(), b.to(base_dtype) if b is not None else None)
             elif fused:
-                y = torch.addmm(b.to(base_dtype), xb, w.t()) if b is not None else xb @ w.t()
+                y = torch.nn.functional.linear(xb, w, b.to(base_dtype) if b is not None else None)
             else:
                 y = torch.nn.functional.linear(xb, w, b.to(base_dtype) if b is not None else None)
                 if members:
@@ -245,7 +235,7 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
                     if j == 0 and r_total:
                         acc = _mm_plus_low_rank(dy, wb, g_all, a_all)
                     else:
-                        acc = torch.addmm(acc, dy, wb) if acc is not None else dy @ wb
+                        acc = acc.addmm_(dy, wb) if acc is not None else dy @ wb
                 if acc is None and r_total:
                     acc = g_all @ a_all
                 dx = acc if acc is not None else x2.new_zeros((n, k), dtype=base_dtype)

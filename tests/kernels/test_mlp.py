@@ -56,7 +56,10 @@ def mlp_cases(draw):
     scale = testing.size_scale()
     setup = draw(st.sampled_from(["plain", "upcast"]))
     dtype = draw(testing.dtypes()) if setup == "plain" else draw(st.sampled_from([torch.bfloat16, torch.float16]))
-    inter = draw(st.integers(1, min(scale.max_cols, 512)))
+    # At least 16 products per output element: with fewer (a 1 x 1 down projection of one token) the
+    # output is one rounding of h against another, and eager's double rounding is right by luck as
+    # often as the fused single rounding is (a ratio test on one element is noise).
+    inter = draw(st.integers(16, max(16, min(scale.max_cols, 512))))
     hidden = draw(st.integers(1, min(scale.max_cols, 512)))
     n_adapters = draw(st.integers(0, 2))
     adapters = [(draw(st.integers(1, 64)), draw(st.sampled_from([0.5, 2.0, 16 / 8**0.5]))) for _ in range(n_adapters)]
