@@ -130,11 +130,12 @@ def main(argv=None):
     parser.add_argument("--setups", nargs="+", default=list(L.SETUPS), choices=list(L.SETUPS))
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--inter", type=int, default=None)
+    parser.add_argument("--hidden-size", type=int, default=None, help=f"hidden size (default {HIDDEN})")
     args = H.resolve_args(parser.parse_args(argv))
     import torch
 
     device = args.device
-    hidden = (args.hidden[0] if args.hidden and not args.quick else (128 if args.quick else HIDDEN))
+    hidden = 128 if args.quick else (args.hidden_size or HIDDEN)
     inter = args.inter or (192 if args.quick else INTER)
     tokens = args.tokens or (64 if args.quick else TOKENS)
     torch.manual_seed(0)

@@ -152,7 +152,8 @@ def lora_linear_reference(x, weights, biases, lora_a, lora_b, scaling, adapter_p
 
 
 def _scaled_b(lora_b, scaling, i, dtype):
-    return (lora_b[i].float() * scaling[i]).to(dtype) if scaling[i] != 1.0 else lora_b[i].to(dtype)
+    # s B in B's dtype (one rounding: the product is computed in fp32), then cast like autocast would.
+    return (lora_b[i] * scaling[i]).to(dtype) if scaling[i] != 1.0 else lora_b[i].to(dtype)
 
 
 def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
@@ -167,10 +168,11 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     with _no_autocast(x):
         if lora_a:
             a_all = torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
-            t = x2.to(lora_dtype) @ a_all.t()
+            xl = x2.to(lora_dtype)
+            t = xl @ a_all.t()
         else:
             t = x2.new_empty((n, 0), dtype=lora_dtype)
-        xb = x2.to(base_dtype)
+        xb = xl if lora_a and base_dtype == lora_dtype else x2.to(base_dtype)
         outs = []
         for p, members in enumerate(groups):
             w, b = weights[p].to(base_dtype), biases[p]
@@ -204,26 +206,25 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
     fused = base_dtype == lora_dtype == out_dtype
     with _no_autocast(x):
         dys = [g.reshape(n, -1) if g is not None else None for g in grads]
+        dyls = [dy.to(lora_dtype) if dy is not None else None for dy in dys]
         # G = [s_i dY_p B_i for every adapter i of every projection p], [N, sum r].
-        g_all = x2.new_zeros((n, r_total), dtype=lora_dtype) if r_total else None
-        db = [None] * len(lora_a)
-        for p, members in enumerate(groups):
-            dy = dys[p]
-            if dy is None or not members:
+        gs, db = [], []
+        for i, p in enumerate(adapter_proj):
+            dyl = dyls[p]
+            if dyl is None:  # the projection's output got no gradient
+                gs.append(x2.new_zeros((n, lora_a[i].shape[0]), dtype=lora_dtype))
+                db.append(torch.zeros_like(lora_b[i]))
                 continue
-            dyl = dy.to(lora_dtype)
-            for i in members:
-                g_all[:, offsets[i] : offsets[i + 1]] = dyl @ _scaled_b(lora_b, scaling, i, lora_dtype)
-                db[i] = ((dyl.t() @ t[:, offsets[i] : offsets[i + 1]]).float() * scaling[i]).to(lora_b[i].dtype)
+            gs.append(dyl @ _scaled_b(lora_b, scaling, i, lora_dtype))
+            db_i = (dyl.t() @ t[:, offsets[i] : offsets[i + 1]]).to(lora_b[i].dtype)
+            db.append(db_i.mul_(scaling[i]) if scaling[i] != 1.0 else db_i)
+        g_all = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)) if r_total else None
         da = []
         if r_total:
             da_all = g_all.t() @ x2.to(lora_dtype)
             # Outputs of a custom op may not alias each other: slices of da_all are copied out.
             copy = len(lora_a) > 1
             da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
-        for i, b in enumerate(lora_b):
-            if db[i] is None:  # the projection's output got no gradient
-                db[i] = torch.zeros_like(b)
         dx = None
         if need_dx:
             a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
