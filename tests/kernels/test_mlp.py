@@ -37,6 +37,7 @@ def _gate_up(shape, dtype, seed, form, scale=2.0):
     return g, u
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @given(
     act=st.sampled_from(list(ACTIVATIONS)),
     shape=testing.row_shapes(),
@@ -44,11 +45,16 @@ def _gate_up(shape, dtype, seed, form, scale=2.0):
     form=st.sampled_from(["contiguous", "padded", "transposed", "fused"]),
     seed=testing.seeds(),
 )
-def test_mlp_act_matches_eager(act, shape, dtype, form, seed):
+def test_mlp_act_matches_eager(path, act, shape, dtype, form, seed):
+    # "kernel": the generated Triton kernels (GPU, or the interpreter on CPU); "torch": the generated
+    # torch code, what CPU tensors run without the interpreter.
     g, u = _gate_up(shape, dtype, seed, form)
-    testing.check_against_eager(
-        lambda g, u: torch.ops.slothc.mlp_act(g, u, act), lambda g, u: eager_mlp_act(g, u, act), g, u, seed=seed
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "torch":
+            mp.setattr(mlp_module, "_use_kernel", lambda g, u: False)
+        testing.check_against_eager(
+            lambda g, u: torch.ops.slothc.mlp_act(g, u, act), lambda g, u: eager_mlp_act(g, u, act), g, u, seed=seed
+        )
 
 
 @st.composite
