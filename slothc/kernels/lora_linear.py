@@ -48,12 +48,13 @@ Inductor treats it as one opaque call and AOTAutograd uses the backward above.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
 
 
-def _mm_plus_low_rank(p, q, l, r, bias=None):
+def _mm_plus_low_rank(p, q, l, r, bias=None, shape=None):
     """``p @ q + l @ r (+ bias)`` for the fused path (one dtype): ``l @ r`` (small K) first, then the
     big product accumulated onto it in place: cuBLAS reads it as C in the epilogue, overlapped with
     the compute. In place, because ``torch.addmm(c, p, q)`` into a new tensor first copies c there
@@ -62,9 +63,18 @@ def _mm_plus_low_rank(p, q, l, r, bias=None):
     Measured against one Triton GEMM with the update in its epilogue on an H200 (bf16, 8192 tokens,
     r=16; bench/results/2026-12-01-h200-lora-epilogue-trial.jsonl): the Triton kernel reached 76-88%
     of the matmul peak where this composition reached 81-97%, so it was dropped.
+
+    ``shape``: the result's shape (leading dims of the input), allocated as such, so that it is not a
+    view (autograd forbids in-place changes of a view returned by a multi-output function).
     """
-    c = torch.addmm(bias, l, r) if bias is not None else l @ r
-    return c.addmm_(p, q)
+    out = torch.empty((*shape[:-1], shape[-1]) if shape else (p.shape[0], q.shape[1]), dtype=l.dtype, device=l.device)
+    c = out.view(p.shape[0], q.shape[1])
+    if bias is not None:
+        torch.addmm(bias, l, r, out=c)
+    else:
+        torch.mm(l, r, out=c)
+    c.addmm_(p, q)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,10 +127,13 @@ def _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj) -> None:
                 )
 
 
+@contextlib.contextmanager
 def _no_autocast(x: torch.Tensor):
     # The op computes in the dtypes it is given; an ambient autocast (the caller's) must not recast
-    # the matmuls inside it.
-    return torch.autocast(x.device.type, enabled=False)
+    # the matmuls inside it. No autograd either: the op's backward is its own (and out= matmuls
+    # refuse inputs that require grad when the implementation is called directly).
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +145,7 @@ def lora_linear_reference(x, weights, biases, lora_a, lora_b, scaling, adapter_p
     """What eager PEFT computes for each projection: ``(base + sum_i (x A_i^T B_i^T) * s_i).to(out_dtype)``
     with ``base`` in ``base_dtype`` and each update in ``lora_dtype`` (differentiable; plain torch)."""
     outs = []
-    with _no_autocast(x):
+    with torch.autocast(x.device.type, enabled=False):  # differentiable: no _no_autocast here
         for p, members in enumerate(_groups(adapter_proj, len(weights))):
             b = biases[p]
             result = torch.nn.functional.linear(
@@ -181,17 +194,19 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
                 cols = [slice(offsets[i], offsets[i + 1]) for i in members]
                 t_p = t[:, cols[0]] if len(members) == 1 else torch.cat([t[:, c] for c in cols], dim=1)
                 b_p = torch.cat([_scaled_b(lora_b, scaling, i, lora_dtype) for i in members], dim=1)
+            # Each output is allocated in its final shape, never a view (see _mm_plus_low_rank).
+            bias_b = b.to(base_dtype) if b is not None else None
             if fused and members:
-                y = _mm_plus_low_rank(xb, w.t(), t_p, b_p.t(), b.to(base_dtype) if b is not None else None)
+                y = _mm_plus_low_rank(xb, w.t(), t_p, b_p.t(), bias_b, shape=(*lead, m))
             elif fused:
-                y = torch.nn.functional.linear(xb, w, b.to(base_dtype) if b is not None else None)
+                y = torch.nn.functional.linear(xb.reshape(*lead, k), w, bias_b)
             else:
-                y = torch.nn.functional.linear(xb, w, b.to(base_dtype) if b is not None else None)
+                y = torch.nn.functional.linear(xb.reshape(*lead, k), w, bias_b)
                 if members:
                     promoted = torch.promote_types(base_dtype, lora_dtype)
-                    y = y.to(promoted) + (t_p @ b_p.t()).to(promoted)
+                    y = y.to(promoted) + (t_p @ b_p.t()).view(*lead, m).to(promoted)
                 y = y.to(out_dtype)
-            outs.append(y.view(*lead, m))
+            outs.append(y)
     return outs, t
 
 

@@ -75,11 +75,14 @@ def mlp_act_fwd(g: torch.Tensor, u: torch.Tensor, act: str, out: Optional[torch.
         return a.forward(g, u)
     g2, u2 = _rows(g), _rows(u)
     n_rows, n_cols = g2.shape
-    h = out if out is not None else torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device)
+    # Allocated in g's shape, not a view of a 2-d buffer (autograd forbids in-place changes of views
+    # that a custom op returns).
+    h = out if out is not None else torch.empty(g.shape, dtype=g.dtype, device=g.device)
     grid = (n_rows, triton_cdiv(n_cols, _BLOCK_SIZE_N))
     with device_guard(g):
-        a.fwd_kernel[grid](g2, u2, h, g2.stride(0), u2.stride(0), n_cols, BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS)
-    return h.view(g.shape)
+        a.fwd_kernel[grid](g2, u2, h.view(n_rows, n_cols), g2.stride(0), u2.stride(0), n_cols,
+                           BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS)
+    return h
 
 
 def mlp_act_bwd(

@@ -16,7 +16,8 @@ Skipped, with the reason in the report:
 - dropout with ``p > 0`` in training mode (the fused op has no dropout; ``p = 0`` is PEFT's
   ``nn.Identity`` and leaves no node, and dropout in eval mode is the identity);
 - a trainable base weight or bias (full fine-tuning of that layer: the op computes no dW);
-- the adapters' low-rank branch in another form: DoRA, other LoRA variants, more than two adapters;
+- the adapters' low-rank branch in another form: DoRA, other LoRA variants, more than two adapters,
+  or a base layer that is not a linear (transformers' ``Conv1D``, GPT-2);
 - LoRA on an embedding or a convolution.
 
 After the rewrite, projections that read the same ``x`` (q/k/v, gate/up, and any others) are merged
@@ -44,6 +45,7 @@ DROPOUT_IN_TRAINING = "lora dropout > 0 in training (the fused op has no dropout
 TRAINABLE_BASE = "base weight or bias is trainable (the fused op computes no dW)"
 SCALING_NOT_CONSTANT = "lora scaling is not a constant"
 NOT_PEFT_FORM = "low-rank branch not in PEFT's plain LoRA form (DoRA, another variant, or more than two adapters)"
+BASE_NOT_LINEAR = "the base layer is not a linear (e.g. transformers' Conv1D in GPT-2: addmm on a transposed weight)"
 ON_EMBEDDING = "LoRA on an embedding"
 ON_CONVOLUTION = "LoRA on a convolution"
 INPUT_MISMATCH = "the adapters read another input than the base layer"
@@ -78,6 +80,11 @@ def _lora_branch_pattern(xa, lora_a, lora_b, scaling):
 
 def _lora_embedding_pattern(after_a, embedding_b, scaling):
     return (after_a @ embedding_b) * scaling
+
+
+def _lora_embedding_linear_pattern(after_a, embedding_b, scaling):
+    # PEFT's ``after_A @ lora_embedding_B.T``, which normalization reads as a linear
+    return F.linear(after_a, embedding_b) * scaling
 
 
 def _lora_conv_pattern(branch, scaling):
@@ -189,6 +196,16 @@ def _lora_branch_check(m) -> str | None:
     # An adapter: trainable, and of lower rank than the layer it adapts.
     if not (a.requires_grad or b.requires_grad) or not a.shape[0] < min(a.shape[1], b.shape[0]):
         return NOT_A_CANDIDATE
+    # PEFT adds the branch to the base layer's output: name what that output was, if not a linear.
+    adds = [u for u in m.root.users if u.op == "call_function" and u.target is operator.add]
+    if len(adds) == 1:
+        other = [a for a in adds[0].args if a is not m.root]
+        if other and isinstance(other[0], Node) and other[0].target is not _LINEAR and not _is_op(other[0]):
+            base = other[0]
+            while base.target in ("view", "reshape", torch.Tensor.view, torch.Tensor.reshape, torch.reshape) and isinstance(base.args[0], Node):
+                base = base.args[0]
+            if base.target in (torch.addmm, torch.matmul, operator.matmul, torch.mm, "addmm", "matmul"):
+                return BASE_NOT_LINEAR
     return NOT_PEFT_FORM
 
 
@@ -249,6 +266,7 @@ RULES = RuleSet(
         Rule("lora_linear", "peft", _lora_linear_one_adapter_pattern, _drop_xa(_lora_linear_replacement), _lora_linear_check),
         Rule("lora_linear", "branch", _lora_branch_pattern, None, _lora_branch_check),
         Rule("lora_linear", "embedding", _lora_embedding_pattern, None, _lora_embedding_check),
+        Rule("lora_linear", "embedding", _lora_embedding_linear_pattern, None, _lora_embedding_check),
         Rule("lora_linear", "conv", _lora_conv_pattern, None, _lora_conv_check),
     ]
 )

@@ -15,6 +15,7 @@ Canonical form
 - ``1 / sqrt(v)`` and ``reciprocal(sqrt(v))`` are ``torch.rsqrt(v)``; ``a / sqrt(v)`` is ``a * rsqrt(v)``;
 - ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy``, ``F.silu``, ``F.relu`` take every
   argument positionally, defaults filled; ``F.gelu`` always has its keyword-only ``approximate``;
+- ``x @ w.T`` (``w`` 2-d; ``w.t()``, ``w.transpose(0, 1)``) is ``F.linear(x, w, None)``;
   reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``).
 
 Each rule is a small function ``rule(node) -> bool`` (changed or not) keyed by the targets it can
@@ -207,6 +208,35 @@ def _positional_rule(node: Node) -> bool:
     return True
 
 
+def _transposed_weight(node) -> Node | None:
+    """``w`` if ``node`` is ``w.T``, ``w.t()`` or ``w.transpose(0, 1)`` of a 2-d ``w``, else None."""
+    if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+        return None
+    t, args = node.target, node.args
+    if (t is getattr and len(args) == 2 and args[1] in ("T", "mT")) or (t in ("t", torch.t, torch.Tensor.t) and len(args) == 1):
+        w = args[0]
+    elif t in ("transpose", torch.transpose, torch.Tensor.transpose) and len(args) == 3 and sorted(args[1:]) in ([0, 1], [-2, -1], [-1, 0]):
+        w = args[0]
+    else:
+        return None
+    v = val(w)
+    return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
+def _matmul_rule(node: Node) -> bool:
+    """``x @ w.T`` (``w`` 2-d; also ``w.t()``, ``w.transpose(0, 1)``) -> ``F.linear(x, w, None)``:
+    models that write their own linear (Falcon's ``FalconLinear``) read like ``nn.Linear``."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    x, wt = node.args
+    w = _transposed_weight(wt)
+    x_val = val(x)
+    if w is None or not isinstance(x_val, torch.Tensor) or x_val.dim() < 1:
+        return False
+    _set(node, F.linear, (x, w, None))
+    return True
+
+
 def _gelu_rule(node: Node) -> bool:
     """``gelu(x)`` -> ``gelu(x, approximate="none")``: the keyword (keyword-only in torch) always given."""
     if len(node.args) != 1 or "approximate" in node.kwargs or set(node.kwargs):
@@ -294,6 +324,8 @@ _RULES = {
     F.silu: (_positional_rule,),
     F.relu: (_positional_rule,),
     F.gelu: (_gelu_rule,),
+    operator.matmul: (_matmul_rule,),
+    torch.matmul: (_matmul_rule,),
     torch.mean: (_mean_dim_rule,),
     torch.pow: (_pow_rule,),
     operator.pow: (_pow_rule,),
@@ -322,8 +354,12 @@ def _same_device(x, device) -> bool:
     return isinstance(x_val, torch.Tensor) and torch.device(device) == x_val.device
 
 
+# What a rule may orphan: the sqrt of a folded 1/sqrt, the transpose of a hand-written linear.
+_ORPHANS = (torch.sqrt, getattr, torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose)
+
+
 def _erase_dead(graph: Graph) -> None:
     """Erase the nodes a rule orphaned (an old ``sqrt``); only pure call_function nodes."""
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users and node.target in (torch.sqrt, getattr):
+        if node.op == "call_function" and not node.users and node.target in _ORPHANS:
             graph.erase_node(node)

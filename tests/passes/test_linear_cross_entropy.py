@@ -212,12 +212,22 @@ def test_autocast_casts_inputs_to_the_lm_head_dtype():
 
 def test_logits_not_from_a_linear_use_the_logits_op():
     def fn(h, w, labels):
-        logits = h @ w.t()  # not F.linear
+        logits = torch.einsum("btd,vd->btv", h, w)  # not a linear
         return ForCausalLMLoss(logits, labels, vocab_size=V)
 
     h, w, labels, _ = _inputs()
     report, _, _ = _assert_same_loss_and_grad(fn, h, w, labels)
     assert _fused(report)[0].variant == "logits"
+
+
+def test_a_hand_written_linear_is_a_linear():
+    def fn(h, w, labels):
+        logits = h @ w.t()  # normalized to F.linear(h, w)
+        return ForCausalLMLoss(logits, labels, vocab_size=V)
+
+    h, w, labels, _ = _inputs()
+    report, _, _ = _assert_same_loss_and_grad(fn, h, w, labels)
+    assert _fused(report)[0].variant == "hidden states"
 
 
 def test_lora_on_the_lm_head_reads_the_logits():

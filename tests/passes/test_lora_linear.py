@@ -191,3 +191,35 @@ def test_plain_two_layer_mlp_is_not_a_candidate():
 def test_disabled_by_option():
     report, (gm,), _ = capture(_peft(), torch.randn(2, 32), options={"lora_linear": False})
     assert report.count("lora_linear") == 0 and LORA_OP not in targets(gm)
+
+
+def test_a_hand_written_base_linear_is_fused():
+    class FalconLinear(torch.nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = FalconLinear(32, 24, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    report, gm = _run(_peft(Model(), target_modules=["proj"]), torch.randn(3, 32))
+    assert report.count("lora_linear") == 1 and LORA_OP in targets(gm)
+
+
+def test_conv1d_base_layer_is_reported():
+    from transformers.pytorch_utils import Conv1D
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(48, 32)  # GPT-2's projection: addmm(bias, x, W) with W [in, out]
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    report, _, _ = capture(_peft(Model(), target_modules=["c_attn"], fan_in_fan_out=True), torch.randn(2, 3, 32))
+    assert [s.reason for s in report.skipped if s.fusion == "lora_linear"] == [lora_pass.BASE_NOT_LINEAR]

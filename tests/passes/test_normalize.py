@@ -100,3 +100,35 @@ def test_normalized_graph_computes_the_same():
     x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
     _, _, out = capture(fn, x, rules=NO_RULES)
     torch.testing.assert_close(out, fn(x))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda x, w: x @ w.T, lambda x, w: x @ w.t(), lambda x, w: torch.matmul(x, w.transpose(0, 1)), lambda x, w: x @ w.transpose(-1, -2)],
+    ids=["T", "t()", "matmul_transpose", "transpose_neg"],
+)
+def test_hand_written_linear_becomes_linear(fn):
+    x, w = torch.randn(2, 3, 8), torch.randn(5, 8)
+    found, gm = _canonical(fn, x, w)
+    assert found == [F.linear]
+    _, _, out = capture(fn, x, w, rules=NO_RULES)
+    torch.testing.assert_close(out, fn(x, w))
+
+
+@pytest.mark.parametrize(
+    "fn", [lambda x, w: x @ w, lambda x, w: x @ w.T.contiguous()], ids=["no_transpose", "copied"]
+)
+def test_other_matmuls_stay(fn):
+    found, _ = _canonical(fn, torch.randn(2, 8), torch.randn(8, 8))
+    assert F.linear not in found
+
+
+def test_gelu_gets_its_keyword():
+    def fn(x):
+        return F.gelu(x) + F.gelu(x, approximate="tanh") + F.silu(x, inplace=False)
+
+    _, gm = _canonical(fn, torch.randn(4))
+    gelus = [n for n in gm.graph.nodes if n.target is F.gelu]
+    assert [n.kwargs for n in gelus] == [{"approximate": "none"}, {"approximate": "tanh"}] and all(len(n.args) == 1 for n in gelus)
+    (silu,) = [n for n in gm.graph.nodes if n.target is F.silu]
+    assert silu.args[1:] == (False,) and not silu.kwargs
