@@ -83,9 +83,12 @@ def functional(layer, autocast: bool):
 
 
 def providers(names, layer, autocast, fused_flag):
-    import torch
+    return compiled_providers(functional(layer, autocast), names, fused_flag, (OP,), floor="base_matmul")
 
-    fn = functional(layer, autocast)
+
+def compiled_providers(fn, names, fused_flag, fusions, floor):
+    """name -> builder for ``fn``: eager, Inductor, slothc (the floor provider is timed apart)."""
+    import torch
 
     def eager():
         return fn
@@ -94,8 +97,8 @@ def providers(names, layer, autocast, fused_flag):
         torch._dynamo.reset()
         return torch.compile(fn)
 
-    table = {"eager": eager, "inductor": inductor, "slothc": slothc_builder(fn, fused_flag, OP)}
-    return {n: table[n] for n in ["eager"] + [n for n in names if n not in ("eager", "base_matmul")]}
+    table = {"eager": eager, "inductor": inductor, "slothc": slothc_builder(fn, fused_flag, fusions)}
+    return {n: table[n] for n in ["eager"] + [n for n in names if n not in ("eager", floor)]}
 
 
 def slothc_builder(fn, fused_flag: dict, fusions):
@@ -172,6 +175,24 @@ def time_floor(rec, case, device, modes, rep_ms) -> dict:
     return out
 
 
+def finish_case(out, rows, floor, build, make_set, params, device, fused_flag) -> None:
+    """Complete a case's rows (peak memory per provider, what slothc fused, the overhead over the
+    floor) and append them, the floor's first, to ``out``."""
+    import _harness as H
+
+    if H.is_cuda(device):
+        for name in {r["provider"] for r in rows if r["status"] == "ok"}:
+            mem = measure_memory(build(name), make_set, params, device)
+            for r in rows:
+                if r["provider"] == name:
+                    r.update(mem)
+    for r in rows:
+        if r["provider"].startswith("slothc"):
+            r["fused"] = fused_flag.get("fused")
+    add_overheads(rows, floor)
+    _write(out, [*floor.values(), *rows])
+
+
 def add_overheads(rows, floor_rows):
     for r in rows:
         f = floor_rows.get(r["mode"])
@@ -223,18 +244,8 @@ def main(argv=None):
             floor = time_floor(rec, H.FwdBwdCase(**{**case.__dict__, "params": [w]}), device, modes, args.rep_ms) if "base_matmul" in args.providers else {}
             fused_flag: dict = {}
             rows = H.run_fwd_bwd(rec, case, providers(args.providers, layer, autocast, fused_flag), device, modes=modes, rep_ms=args.rep_ms)
-            if H.is_cuda(device):
-                for name in {r["provider"] for r in rows if r["status"] == "ok"}:
-                    builder = providers([name], layer, autocast, fused_flag)[name]
-                    mem = measure_memory(builder(), make_set, case.params, device)
-                    for r in rows:
-                        if r["provider"] == name:
-                            r.update(mem)
-            for r in rows:
-                if r["provider"].startswith("slothc"):
-                    r["fused"] = fused_flag.get("fused")
-            add_overheads(rows, floor)
-            _write(args.out, [*floor.values(), *rows])
+            finish_case(args.out, rows, floor, lambda name: providers([name], layer, autocast, fused_flag)[name](),
+                        make_set, case.params, device, fused_flag)
             del layer
             torch.cuda.empty_cache() if H.is_cuda(device) else None
     H.finish(rec, f"{OP} (bf16 base, r={RANK})", args.table)

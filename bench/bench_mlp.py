@@ -89,20 +89,7 @@ def base_mlp(x, wg, wu, wd):
 
 
 def providers(names, block, autocast, fused_flag):
-    import torch
-
-
-    fn = functional(block, autocast)
-
-    def eager():
-        return fn
-
-    def inductor():
-        torch._dynamo.reset()
-        return torch.compile(fn)
-
-    table = {"eager": eager, "inductor": inductor, "slothc": L.slothc_builder(fn, fused_flag, ("lora_linear", "mlp"))}
-    return {n: table[n] for n in ["eager"] + [n for n in names if n not in ("eager", "base_mlp")]}
+    return L.compiled_providers(functional(block, autocast), names, fused_flag, ("lora_linear", "mlp"), floor="base_mlp")
 
 
 def time_floor(rec, case, base_weights, device, modes, rep_ms) -> dict:
@@ -169,18 +156,8 @@ def main(argv=None):
         floor = time_floor(rec, case, base_weights, device, modes, args.rep_ms) if "base_mlp" in args.providers else {}
         fused_flag: dict = {}
         rows = H.run_fwd_bwd(rec, case, providers(args.providers, block, autocast, fused_flag), device, modes=modes, rep_ms=args.rep_ms)
-        if H.is_cuda(device):
-            for name in {r["provider"] for r in rows if r["status"] == "ok"}:
-                fn = providers([name], block, autocast, fused_flag)[name]()
-                mem = L.measure_memory(fn, make_set, weights, device)
-                for r in rows:
-                    if r["provider"] == name:
-                        r.update(mem)
-        for r in rows:
-            if r["provider"].startswith("slothc"):
-                r["fused"] = fused_flag.get("fused")
-        L.add_overheads(rows, floor)
-        L._write(args.out, [*floor.values(), *rows])
+        L.finish_case(args.out, rows, floor, lambda name: providers([name], block, autocast, fused_flag)[name](),
+                      make_set, weights, device, fused_flag)
         del block
         torch.cuda.empty_cache() if H.is_cuda(device) else None
     H.finish(rec, f"{OP} (LlamaMLP + LoRA r={L.RANK}, bf16 base)", args.table)

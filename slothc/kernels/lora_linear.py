@@ -289,9 +289,8 @@ def lora_linear(
     return [*outs, t]
 
 
-@lora_linear.register_fake
-def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
-    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+def fake_outputs(x, weights, lora_a, lora_dtype, out_dtype) -> list[torch.Tensor]:
+    """Empty outputs of the forward (also slothc::mlp's, with h for x): one per projection, then T."""
     lead = x.shape[:-1]
     n = 1
     for s in lead:
@@ -299,6 +298,12 @@ def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj,
     outs = [x.new_empty((*lead, w.shape[0]), dtype=out_dtype) for w in weights]
     r_total = sum(a.shape[0] for a in lora_a)
     return [*outs, x.new_empty((n, r_total), dtype=lora_dtype)]
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
+    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+    return fake_outputs(x, weights, lora_a, lora_dtype, out_dtype)
 
 
 @torch.library.custom_op("slothc::lora_linear_backward", mutates_args=())

@@ -29,7 +29,7 @@ import torch
 
 from slothc.derive import activation as get_activation
 from slothc.kernels._launch import KERNEL_DTYPES, device_guard, use_triton
-from slothc.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
+from slothc.kernels.lora_linear import fake_outputs, lora_linear_bwd, lora_linear_fwd
 
 _BLOCK_SIZE_N = 1024
 _NUM_WARPS = 4
@@ -193,12 +193,7 @@ def mlp(
 def _mlp_fake(g, u, act, weight, bias, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
     _check(g, u)
     get_activation(act)
-    lead = g.shape[:-1]
-    n = 1
-    for s in lead:
-        n = n * s
-    r_total = sum(a.shape[0] for a in lora_a)
-    return [g.new_empty((*lead, weight.shape[0]), dtype=out_dtype), g.new_empty((n, r_total), dtype=lora_dtype)]
+    return fake_outputs(g, [weight], lora_a, lora_dtype, out_dtype)
 
 
 @torch.library.custom_op("slothc::mlp_backward", mutates_args=())
