@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 import slothc
 from slothc.passes import lora_linear as lora_pass
+from slothc.passes.matcher import INTERMEDIATE_ESCAPES
 from tests.passes._capture import capture, targets
 
 LORA_OP = torch.ops.slothc.lora_linear.default
@@ -116,7 +117,10 @@ def test_dora_is_skipped():
     torch.compile(_peft(use_dora=True), backend="slothc", options={"inner": "eager", "report": report})(torch.randn(2, 32))
     torch._dynamo.reset()
     assert report.count("lora_linear") == 0
-    assert {s.reason for s in report.skipped if s.fusion == "lora_linear"} == {lora_pass.NOT_PEFT_FORM}
+    # Where Dynamo does not break the graph (CUDA), DoRA's base output feeds the magnitude term as
+    # well, so the LoRA pattern also meets it with an escaping intermediate; either way, skipped.
+    reasons = {s.reason for s in report.skipped if s.fusion == "lora_linear"}
+    assert lora_pass.NOT_PEFT_FORM in reasons and reasons <= {lora_pass.NOT_PEFT_FORM, INTERMEDIATE_ESCAPES}, reasons
 
 
 def test_trainable_base_weight_is_skipped():
