@@ -99,7 +99,9 @@ def _offsets(lora_a: Sequence[torch.Tensor]) -> list[int]:
     return offsets
 
 
-def _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj) -> None:
+def _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa=None) -> None:
+    if xa is not None and tuple(xa.shape) != tuple(x.shape):
+        raise ValueError(f"slothc::lora_linear: xa has shape {tuple(xa.shape)}, expected x's {tuple(x.shape)}")
     if len(weights) == 0:
         raise ValueError("slothc::lora_linear needs at least one projection")
     if len(biases) != len(weights):
@@ -169,11 +171,13 @@ def _scaled_b(lora_b, scaling, i, dtype):
     return (lora_b[i] * scaling[i]).to(dtype) if scaling[i] != 1.0 else lora_b[i].to(dtype)
 
 
-def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
-    """``([Y_p for each projection], T)``; ``T = X [A_1; A_2; ...]^T`` [N, sum r] in ``lora_dtype``."""
-    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None):
+    """``([Y_p for each projection], T)``; ``T = Xa [A_1; A_2; ...]^T`` [N, sum r] in ``lora_dtype``,
+    ``Xa`` the adapters' input: ``xa`` if given (PEFT's dropout of x in training), else x."""
+    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
+    xa2 = xa.reshape(-1, k) if xa is not None else x2
     n = x2.shape[0]
     groups = _groups(adapter_proj, len(weights))
     offsets = _offsets(lora_a)
@@ -181,11 +185,11 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     with _no_autocast(x):
         if lora_a:
             a_all = torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
-            xl = x2.to(lora_dtype)
+            xl = xa2.to(lora_dtype)
             t = xl @ a_all.t()
         else:
             t = x2.new_empty((n, 0), dtype=lora_dtype)
-        xb = xl if lora_a and base_dtype == lora_dtype else x2.to(base_dtype)
+        xb = xl if lora_a and xa is None and base_dtype == lora_dtype else x2.to(base_dtype)
         outs = []
         for p, members in enumerate(groups):
             w, b = weights[p].to(base_dtype), biases[p]
@@ -210,8 +214,14 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     return outs, t
 
 
-def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx):
-    """``(dX or None, [dA_i], [dB_i])`` of :func:`lora_linear_fwd` (see the module docstring)."""
+def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx,
+                    split=False, need_dxa=False, x_dtype=None):
+    """``(dX or None, dXa or None, [dA_i], [dB_i])`` of :func:`lora_linear_fwd` (module docstring).
+
+    ``x`` is the adapters' input (``Xa``). ``split``: the forward had a separate ``xa``; then
+    ``dX = sum_p dY_p W_p`` (base path only, in ``x_dtype``) and ``dXa = G A`` are returned apart
+    (autograd takes dXa through the dropout and adds it to dX). Otherwise ``dX`` is their sum.
+    """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = x2.shape[0]
@@ -240,10 +250,19 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
             # Outputs of a custom op may not alias each other: slices of da_all are copied out.
             copy = len(lora_a) > 1
             da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
-        dx = None
-        if need_dx:
-            a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
-            projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
+        dx = dxa = None
+        a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
+        projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
+        if split:
+            if need_dxa:
+                dxa = (g_all @ a_all if r_total else x2.new_zeros((n, k), dtype=lora_dtype)).to(x.dtype).view(*lead, k)
+            if need_dx:
+                acc = None
+                for dy, w in projections:
+                    wb = w.to(base_dtype)
+                    acc = acc.addmm_(dy.to(base_dtype), wb) if acc is not None else dy.to(base_dtype) @ wb
+                dx = (acc if acc is not None else x2.new_zeros((n, k), dtype=base_dtype)).to(x_dtype or x.dtype).view(*lead, k)
+        elif need_dx:
             if fused:
                 acc = None
                 for j, (dy, w) in enumerate(projections):
@@ -262,7 +281,7 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
                     acc = acc + (dy.to(base_dtype) @ w.to(base_dtype)).to(promoted)
                 dx = acc
             dx = dx.to(x.dtype).view(*lead, k)
-    return dx, da, db
+    return dx, dxa, da, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,10 +301,13 @@ def lora_linear(
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
+    xa: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """``[Y_0, ..., Y_{P-1}, T]``: one output per projection (see the module docstring), then the
-    saved low-rank product ``T`` (for the backward; the graph does not use it)."""
-    outs, t = lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype)
+    saved low-rank product ``T`` (for the backward; the graph does not use it). ``xa``: the
+    adapters' input when it is not ``x`` (PEFT's ``lora_dropout`` in training, computed by torch's
+    own dropout in the graph, so that its random mask is eager's)."""
+    outs, t = lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa)
     return [*outs, t]
 
 
@@ -301,8 +323,8 @@ def fake_outputs(x, weights, lora_a, lora_dtype, out_dtype) -> list[torch.Tensor
 
 
 @lora_linear.register_fake
-def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype):
-    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj)
+def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None):
+    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa)
     return fake_outputs(x, weights, lora_a, lora_dtype, out_dtype)
 
 
@@ -320,24 +342,35 @@ def lora_linear_backward(
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
     need_dx: bool,
+    split: bool = False,
+    need_dxa: bool = False,
+    x_dtype: Optional[torch.dtype] = None,
 ) -> list[torch.Tensor]:
-    """``[dX, dA_0, ..., dB_0, ...]`` of ``slothc::lora_linear``; ``dX`` is an empty tensor unless ``need_dx``."""
-    dx, da, db = lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx)
-    return [dx if dx is not None else x.new_empty(0), *da, *db]
+    """``[dX, dXa, dA_0, ..., dB_0, ...]`` of ``slothc::lora_linear`` (``x``: the adapters' input;
+    ``split``: the forward had a separate ``xa``, see :func:`lora_linear_bwd`); ``dX`` and ``dXa``
+    are empty tensors where not asked for."""
+    dx, dxa, da, db = lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype,
+                                      out_dtype, need_dx, split, need_dxa, x_dtype)
+    empty = x.new_empty(0)
+    return [dx if dx is not None else empty, dxa if dxa is not None else x.new_empty(0), *da, *db]
 
 
 @lora_linear_backward.register_fake
-def _lora_linear_backward_fake(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return [dx, *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
+def _lora_linear_backward_fake(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype,
+                               need_dx, split=False, need_dxa=False, x_dtype=None):
+    dx = x.new_empty(x.shape, dtype=(x_dtype or x.dtype) if split else x.dtype) if need_dx else x.new_empty(0)
+    dxa = x.new_empty(x.shape) if split and need_dxa else x.new_empty(0)
+    return [dx, dxa, *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype = inputs
+    x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa = inputs
     t = output[-1]
     ctx.n_proj, ctx.n_adapters = len(weights), len(lora_a)
     ctx.bias_has_none = any(b is None for b in biases)
-    ctx.save_for_backward(x, t, *weights, *lora_a, *lora_b)
+    ctx.split, ctx.x_dtype = xa is not None, x.dtype
+    # The backward reads the adapters' input (for dA) and never the base input (W is frozen).
+    ctx.save_for_backward(xa if xa is not None else x, t, *weights, *lora_a, *lora_b)
     ctx.config = (list(scaling), list(adapter_proj), base_dtype, lora_dtype, out_dtype)
 
 
@@ -348,18 +381,22 @@ def _backward(ctx, grads):
     lora_b = rest[ctx.n_proj + ctx.n_adapters :]
     scaling, adapter_proj, base_dtype, lora_dtype, out_dtype = ctx.config
     need_dx = ctx.needs_input_grad[0]
+    need_dxa = ctx.split and ctx.needs_input_grad[10]
     out = torch.ops.slothc.lora_linear_backward(
         list(grads[: ctx.n_proj]), x, t, list(weights), list(lora_a), list(lora_b), scaling, adapter_proj,
-        base_dtype, lora_dtype, out_dtype, need_dx,
+        base_dtype, lora_dtype, out_dtype, need_dx, ctx.split, need_dxa, ctx.x_dtype,
     )
     dx = out[0] if need_dx else None
-    da = list(out[1 : 1 + ctx.n_adapters])
-    db = list(out[1 + ctx.n_adapters :])
+    dxa = out[1] if need_dxa else None
+    da = list(out[2 : 2 + ctx.n_adapters])
+    db = list(out[2 + ctx.n_adapters :])
     frozen = [None] * ctx.n_proj  # W and b: no gradient (the pass only fuses frozen ones)
     # torch.library matches the structure of the inputs: a Tensor?[] holding a None is one leaf.
     no_bias = None if ctx.bias_has_none else list(frozen)
     no_adapters = [] if not ctx.n_adapters else None  # an empty list input needs an empty list back
-    return dx, frozen, no_bias, da, db, no_adapters, no_adapters, None, None, None
+    grads_in = (dx, frozen, no_bias, da, db, no_adapters, no_adapters, None, None, None)
+    # The structure follows the arguments as passed: xa is passed only when there is one.
+    return (*grads_in, dxa) if ctx.split else grads_in
 
 
 torch.library.register_autograd("slothc::lora_linear", _backward, setup_context=_setup_context)

@@ -214,7 +214,7 @@ def mlp_backward(
     """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp``: h is recomputed, dg and du are written
     over the buffers of dh and of the recomputed h."""
     h = mlp_act_fwd(g, u, act)
-    dh, da, db = lora_linear_bwd(
+    dh, _, da, db = lora_linear_bwd(
         [dy], h, t, [weight], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, True
     )
     dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))

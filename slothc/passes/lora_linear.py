@@ -7,14 +7,16 @@ PEFT's ``Linear.forward`` (any target module name, any rank) reads, after normal
     return result.to(torch_result_dtype)
 
 where ``xa`` is ``x``, or ``x.to(A.dtype)`` (PEFT casts the input to the adapters' dtype, e.g. bf16
-activations and fp32 adapters), or ``dropout(...)`` of either. ``scaling`` is ``lora_alpha / r`` or,
+activations and fp32 adapters), or ``dropout(...)`` of either. A dropout that is live (``p > 0`` in
+training) is kept in the graph, computed by torch as in eager (same random mask), and the op reads
+its output as the adapters' input ``xa``; the gradient reaches x through it. ``scaling`` is ``lora_alpha / r`` or,
 with rsLoRA, ``lora_alpha / sqrt(r)``: a constant in the graph. One or two active adapters are matched
 (summed, each with its own scale).
 
 Skipped, with the reason in the report:
 
-- dropout with ``p > 0`` in training mode (the fused op has no dropout; ``p = 0`` is PEFT's
-  ``nn.Identity`` and leaves no node, and dropout in eval mode is the identity);
+- a dropout whose probability or mode is not a constant, and two active adapters that both have a
+  live dropout (one dropped-out input per call);
 - a trainable base weight or bias (full fine-tuning of that layer: the op computes no dW);
 - the adapters' low-rank branch in another form: DoRA, other LoRA variants, more than two adapters,
   or a base layer that is not a linear (transformers' ``Conv1D``, GPT-2);
@@ -41,7 +43,8 @@ from slothc.report import module_path
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-DROPOUT_IN_TRAINING = "lora dropout > 0 in training (the fused op has no dropout; set lora_dropout=0)"
+DROPOUT_NOT_CONSTANT = "lora dropout probability or mode is not a constant"
+DROPOUT_TWO_ADAPTERS = "two active adapters with lora dropout in training (one dropped-out input a call)"
 TRAINABLE_BASE = "base weight or bias is trainable (the fused op computes no dW)"
 SCALING_NOT_CONSTANT = "lora scaling is not a constant"
 NOT_PEFT_FORM = "low-rank branch not in PEFT's plain LoRA form (DoRA, another variant, or more than two adapters)"
@@ -94,25 +97,25 @@ def _lora_conv_pattern(branch, scaling):
 # -- checks ------------------------------------------------------------------------------------------
 
 
-def _adapter_input(xa, x) -> tuple[bool, str | None]:
-    """Peel PEFT's cast and dropout off ``xa``: (reaches ``x``, reason to skip or None)."""
-    node = xa
+def _adapter_input(xa, x) -> tuple[bool, bool, str | None]:
+    """Peel PEFT's cast and dropout off ``xa``: (reaches ``x``, a live dropout is on the way, reason
+    to skip or None). A dropout with ``p = 0`` or ``training=False`` is the identity."""
+    node, dropped = xa, False
     while isinstance(node, Node) and node is not x:
         if node.op != "call_function":
-            return False, None
+            return False, False, None
         if node.target is torch.Tensor.to and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs:
             node = node.args[0]
         elif node.target is _DROPOUT:
             args = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
-            p, training = args.get("p", 0.5), args.get("training", True)
-            if isinstance(p, Node) or isinstance(training, Node):
-                return True, DROPOUT_IN_TRAINING
-            if p > 0 and training:
-                return True, DROPOUT_IN_TRAINING
+            p, training, inplace = args.get("p", 0.5), args.get("training", True), args.get("inplace", False)
+            if isinstance(p, Node) or isinstance(training, Node) or inplace is not False:
+                return True, False, DROPOUT_NOT_CONSTANT
+            dropped = dropped or (p > 0 and bool(training))
             node = args["input"]
         else:
-            return False, None
-    return node is x, None
+            return False, False, None
+    return node is x, dropped, None
 
 
 def _adapters(m) -> list[tuple[str, str, str, str]]:
@@ -130,12 +133,18 @@ def _lora_linear_check(m) -> str | None:
     x, w = m.val("x"), m.val("weight")
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
         return NOT_A_CANDIDATE
+    dropped = []
     for xa_name, a_name, b_name, s_name in _adapters(m):
-        reaches, reason = _adapter_input(m[xa_name], m["x"])
+        reaches, drop, reason = _adapter_input(m[xa_name], m["x"])
         if reason is not None:
             return _mark_reported(m, reason)
         if not reaches:
             return _mark_reported(m, INPUT_MISMATCH)
+        dropped.append(drop)
+    if any(dropped) and len(dropped) > 1:
+        return _mark_reported(m, DROPOUT_TWO_ADAPTERS)
+    m.state["dropout"] = dropped[0]
+    for xa_name, a_name, b_name, s_name in _adapters(m):
         if isinstance(m[s_name], Node) or not isinstance(m[s_name], (int, float)) or isinstance(m[s_name], bool):
             return _mark_reported(m, SCALING_NOT_CONSTANT)
         a, b = m.val(a_name), m.val(b_name)
@@ -232,10 +241,10 @@ def _lora_conv_check(m) -> str | None:
 # -- replacement -------------------------------------------------------------------------------------
 
 
-def _lora_linear_replacement(m, x, weight, bias, dtype, **adapters):
+def _lora_linear_replacement(m, x, xa, weight, bias, dtype, xa2=None, **adapters):
     base, lora, out = _dtypes(m)
     names = _adapters(m)
-    outs = torch.ops.slothc.lora_linear.default(
+    args = [
         x,
         [weight],
         [bias],
@@ -246,24 +255,21 @@ def _lora_linear_replacement(m, x, weight, bias, dtype, **adapters):
         base,
         lora,
         out,
-    )
-    m.state["variant"] = "peft" if len(names) == 1 else f"peft ({len(names)} adapters)"
+    ]
+    # Without a live dropout the op reads x itself (PEFT's cast of it is not needed); with one, the
+    # adapters read torch's own dropout output (its mask is eager's), which stays in the graph.
+    if m.state.get("dropout"):
+        args.append(xa)
+    outs = torch.ops.slothc.lora_linear.default(*args)
+    variant = "peft" if len(names) == 1 else f"peft ({len(names)} adapters)"
+    m.state["variant"] = variant + (", dropout" if m.state.get("dropout") else "")
     return outs[0]
-
-
-def _drop_xa(fn):
-    # The replacement reads x itself (the cast and a no-op dropout are not needed).
-    def replacement(m, xa, xa2=None, **captures):
-        return fn(m, **captures)
-
-    replacement.__name__ = fn.__name__
-    return replacement
 
 
 RULES = RuleSet(
     [
-        Rule("lora_linear", "peft", _lora_linear_two_adapters_pattern, _drop_xa(_lora_linear_replacement), _lora_linear_check),
-        Rule("lora_linear", "peft", _lora_linear_one_adapter_pattern, _drop_xa(_lora_linear_replacement), _lora_linear_check),
+        Rule("lora_linear", "peft", _lora_linear_two_adapters_pattern, _lora_linear_replacement, _lora_linear_check),
+        Rule("lora_linear", "peft", _lora_linear_one_adapter_pattern, _lora_linear_replacement, _lora_linear_check),
         Rule("lora_linear", "branch", _lora_branch_pattern, None, _lora_branch_check),
         Rule("lora_linear", "embedding", _lora_embedding_pattern, None, _lora_embedding_check),
         Rule("lora_linear", "embedding", _lora_embedding_linear_pattern, None, _lora_embedding_check),

@@ -140,7 +140,10 @@ def absorb_down_projections(graph: Graph, report: Report, graph_index: int = 0) 
             continue
         (down,) = act_node.users
         g, u, act = act_node.args
-        if down.op == "call_function" and down.target in _LORA_OPS and down.args[0] is act_node and len(down.args[1]) == 1:
+        if (
+            down.op == "call_function" and down.target in _LORA_OPS and len(down.args) == 10  # no separate xa (dropout)
+            and down.args[0] is act_node and len(down.args[1]) == 1
+        ):
             _, (w,), (b,), lora_a, lora_b, scaling, _, base, lora, out = down.args
             new_args = (g, u, act, w, b, list(lora_a), list(lora_b), list(scaling), base, lora, out)
             outputs = {user: user.args[1] for user in down.users if user.target is operator.getitem}

@@ -119,3 +119,31 @@ def test_explain_shows_lora_and_mlp(reference_ops_on_cpu):
     text = str(slothc.explain(_lora_model(config), **_batch(config)))
     assert "fused lora_linear: 8 sites" in text and "fused mlp: 2 sites" in text, text
     assert "self_attn.qkv_proj  [peft]" in text and "mlp  [silu + down]" in text
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_lora_dropout_in_training(inner, reference_ops_on_cpu):
+    """lora_dropout > 0 in training: the dropout stays torch's own, every LoRA linear is fused around it."""
+    config = ARCHS["llama"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config)).to(DEVICE)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2, init_lora_weights=False))
+    model.train()
+    batch = _batch(config)
+    eager_model, fused_model = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(7)
+    eager_loss, eager_grads = _step(eager_model, batch, autocast=False)
+    report = slothc.Report()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_model, backend="slothc", options={"inner": inner, "report": report})
+    torch.manual_seed(7)
+    fused_loss, fused_grads = _step(compiled, batch, autocast=False)
+    torch._dynamo.reset()
+    assert report.count("lora_linear") == len(_lora_modules(config)), str(report)
+    assert all("dropout" in s.variant for s in report.fused["lora_linear"]), str(report)
+    assert not [s for s in report.skipped if s.fusion == "lora_linear"], str(report)
+    # The graph's dropout calls run in eager's order on the global generator: the same masks (Inductor
+    # would draw its own random numbers, as it does for any model with dropout).
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name in eager_grads:
+        torch.testing.assert_close(fused_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)

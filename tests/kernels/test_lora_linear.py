@@ -35,14 +35,21 @@ HALF = (torch.bfloat16, torch.float16)
 SETUPS = ("plain", "autocast", "upcast", "upcast_autocast")
 
 
-def peft_lora_linear(x, weight, bias, adapters):
-    """``peft.tuners.lora.layer.Linear.forward`` for ``adapters = [(A, B, scaling), ...]``."""
+def peft_lora_linear(x, weight, bias, adapters, dropout=None):
+    """``peft.tuners.lora.layer.Linear.forward`` for ``adapters = [(A, B, scaling), ...]``;
+    ``dropout``: the adapters' dropout (a function of x), identity by default."""
     result = F.linear(x, weight, bias)
     torch_result_dtype = result.dtype
     for lora_a, lora_b, scaling in adapters:
         xa = x.to(lora_a.dtype) if x.dtype != lora_a.dtype else x  # PEFT's _cast_input_dtype
+        xa = dropout(xa) if dropout is not None else xa
         result = result + F.linear(F.linear(xa, lora_a), lora_b) * scaling
     return result.to(torch_result_dtype)
+
+
+def _dropout_like(mask, p):
+    """Dropout with a fixed mask (what torch's dropout computes, without its random draw)."""
+    return lambda t: t * mask.to(t.dtype) / (1 - p)
 
 
 def _dtypes(setup, dtype):
@@ -93,8 +100,10 @@ def lora_cases(draw):
     bias = [draw(st.booleans()) for _ in range(n_proj)]
     layout = draw(st.sampled_from(["contiguous", "padded", "transposed"]))
     need_dx = draw(st.booleans())
+    # PEFT's lora_dropout in training: the op reads the dropped-out input as xa (one dropout a call)
+    dropout = draw(st.sampled_from([None, 0.1, 0.5])) if n_proj == 1 else None
     return dict(setup=setup, dtype=dtype, k=k, outs=outs, adapters=adapters, lead=lead, bias=bias,
-                layout=layout, need_dx=need_dx, seed=draw(testing.seeds()))
+                layout=layout, need_dx=need_dx, seed=draw(testing.seeds()), dropout=dropout)
 
 
 def _make(case):
@@ -122,12 +131,22 @@ def _fns(case):
     base, lora, out = _op_dtypes(case["setup"], case["dtype"])
     autocast = _dtypes(case["setup"], case["dtype"])[2]
 
+    dropout = None
+    if case.get("dropout"):
+        g = torch.Generator().manual_seed(case["seed"] + 7)
+        mask = (torch.rand((*case["lead"], case["k"]), generator=g) >= case["dropout"]).to(DEVICE)
+        dropout = _dropout_like(mask, case["dropout"])
+
     def fused(x, *params):
         weights, biases = list(params[:n_proj]), list(params[n_proj : 2 * n_proj])
         lora_a = list(params[2 * n_proj : 2 * n_proj + len(proj)])
         lora_b = list(params[2 * n_proj + len(proj) :])
         with _autocast(autocast):  # the op must not be recast by an ambient autocast
-            outs = torch.ops.slothc.lora_linear(x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out)
+            if dropout is not None:
+                xa = dropout(x.to(lora_a[0].dtype) if x.dtype != lora_a[0].dtype else x)
+                outs = torch.ops.slothc.lora_linear(x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out, xa)
+            else:
+                outs = torch.ops.slothc.lora_linear(x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out)
         return outs[:n_proj]
 
     def eager(x, *params):
@@ -135,7 +154,8 @@ def _fns(case):
         lora_a, lora_b = params[2 * n_proj : 2 * n_proj + len(proj)], params[2 * n_proj + len(proj) :]
         with _autocast(autocast):
             return [
-                peft_lora_linear(x, weights[p], biases[p], [(lora_a[i], lora_b[i], scaling[i]) for i in range(len(proj)) if proj[i] == p])
+                peft_lora_linear(x, weights[p], biases[p], [(lora_a[i], lora_b[i], scaling[i]) for i in range(len(proj)) if proj[i] == p],
+                                 dropout)
                 for p in range(n_proj)
             ]
 
@@ -169,13 +189,23 @@ def test_rank_64_and_one_token():
     testing.check_against_eager(fused, eager, x, *weights, *biases, *lora_a, *lora_b)
 
 
+@pytest.mark.parametrize("setup, dtype", [("plain", torch.float32), ("plain", torch.bfloat16), ("upcast", torch.bfloat16)])
+def test_dropout_input_gets_its_own_gradient(setup, dtype):
+    # xa = dropout(x): dX = dY W from the op, plus dXa = G A through the dropout (autograd adds them)
+    case = dict(setup=setup, dtype=dtype, k=48, outs=[40], adapters=[(0, 8, 2.0), (0, 4, 0.5)], lead=(3, 5),
+                bias=[True], layout="contiguous", need_dx=True, seed=5, dropout=0.3)
+    x, weights, biases, lora_a, lora_b = _make(case)
+    fused, eager = _fns(case)
+    testing.check_against_eager(fused, eager, x, *weights, *biases, *lora_a, *lora_b)
+
+
 def test_no_input_grad_skips_dx(monkeypatch):
     case = dict(setup="plain", dtype=torch.float32, k=32, outs=[16, 8], adapters=[(0, 4, 2.0), (1, 2, 2.0)], lead=(5,),
                 bias=[False, False], layout="contiguous", need_dx=False, seed=1)
     x, weights, biases, lora_a, lora_b = _make(case)
     seen = []
     original = lora_module.lora_linear_bwd
-    monkeypatch.setattr(lora_module, "lora_linear_bwd", lambda *a: seen.append(a[-1]) or original(*a))
+    monkeypatch.setattr(lora_module, "lora_linear_bwd", lambda *a: seen.append(a[11]) or original(*a))  # need_dx
     outs = torch.ops.slothc.lora_linear(x, weights, biases, lora_a, lora_b, [2.0, 2.0], [0, 1], torch.float32, torch.float32, torch.float32)
     sum(o.sum() for o in outs[:2]).backward()
     assert seen == [False]  # x needs no grad: the dY W matmuls are not run
@@ -195,16 +225,19 @@ def _opcheck_args(setup, dtype, n_proj=2, bias=(True, False)):
 def test_opcheck(setup, bias):
     args = _opcheck_args(setup, torch.float32 if setup == "plain" else torch.bfloat16, bias=bias)
     torch.library.opcheck(torch.ops.slothc.lora_linear.default, args)
+    xa = (args[0] * 2.0).detach().requires_grad_()  # a separate adapters' input (dropout)
+    torch.library.opcheck(torch.ops.slothc.lora_linear.default, (*args, xa))
 
 
 def test_opcheck_backward_op():
     x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out = _opcheck_args("plain", torch.float32)
     outs, t = lora_module.lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out)
     grads = [torch.randn_like(o) for o in outs]
-    for need_dx in (True, False):
+    for need_dx, split, need_dxa in ((True, False, False), (False, False, False), (True, True, True), (False, True, True)):
         torch.library.opcheck(
             torch.ops.slothc.lora_linear_backward.default,
-            (grads, x.detach(), t.detach(), weights, [a.detach() for a in lora_a], [b.detach() for b in lora_b], scaling, proj, base, lora, out, need_dx),
+            (grads, x.detach(), t.detach(), weights, [a.detach() for a in lora_a], [b.detach() for b in lora_b], scaling, proj, base,
+             lora, out, need_dx, split, need_dxa, x.dtype),
         )
 
 
