@@ -29,6 +29,11 @@ Matmul order, so that each big operand is read as few times as possible:
 
 Saved for the backward: X (needed for dA anyway) and the small T; the base output is not kept.
 
+With PEFT's ``lora_dropout`` in training the adapters read ``Xa = dropout(X)``, computed by torch in
+the graph (so its random mask is eager's) and passed as ``xa``: then ``T = Xa A^T``,
+``dA = G^T Xa``, and the backward returns ``dX = dY W`` and ``dXa = G A`` apart (autograd takes
+``dXa`` through the dropout and adds it to ``dX``); ``Xa`` is saved instead of ``X``.
+
 Dtypes mirror what eager PEFT computes (``base_dtype``: the base linear's result, ``lora_dtype``: the
 adapters' product, ``out_dtype``: PEFT's final ``result.to(torch_result_dtype)``). Under autocast
 these are the autocast dtype while X, the adapters or W may be fp32: the op casts its operands to
