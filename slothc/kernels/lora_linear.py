@@ -256,7 +256,8 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
             copy = len(lora_a) > 1
             da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
         dx = dxa = None
-        a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if r_total else None
+        wants_g_a = r_total and (need_dx and not split or split and need_dxa)
+        a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if wants_g_a else None
         projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
         if split:
             if need_dxa:
