@@ -28,20 +28,11 @@ from typing import Optional
 import torch
 
 from slothc.derive import activation as get_activation
-from slothc.kernels._launch import KERNEL_DTYPES, device_guard, use_triton
+from slothc.kernels._launch import KERNEL_DTYPES, as_rows, cdiv, device_guard, use_triton
 from slothc.kernels.lora_linear import fake_outputs, lora_linear_bwd, lora_linear_fwd
 
 _BLOCK_SIZE_N = 1024
 _NUM_WARPS = 4
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [rows, cols] with a unit column stride (a view where possible, e.g. a chunk of a
-    fused gate_up projection; a copy otherwise)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 def _use_kernel(g: torch.Tensor, u: torch.Tensor) -> bool:
@@ -73,12 +64,12 @@ def mlp_act_fwd(g: torch.Tensor, u: torch.Tensor, act: str, out: Optional[torch.
     a = get_activation(act)
     if not _use_kernel(g, u):
         return a.forward(g, u)
-    g2, u2 = _rows(g), _rows(u)
+    g2, u2 = as_rows(g), as_rows(u)
     n_rows, n_cols = g2.shape
     # Allocated in g's shape, not a view of a 2-d buffer (autograd forbids in-place changes of views
     # that a custom op returns).
     h = out if out is not None else torch.empty(g.shape, dtype=g.dtype, device=g.device)
-    grid = (n_rows, triton_cdiv(n_cols, _BLOCK_SIZE_N))
+    grid = (n_rows, cdiv(n_cols, _BLOCK_SIZE_N))
     with device_guard(g):
         a.fwd_kernel[grid](g2, u2, h.view(n_rows, n_cols), g2.stride(0), u2.stride(0), n_cols,
                            BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS)
@@ -95,23 +86,19 @@ def mlp_act_bwd(
     a = get_activation(act)
     if not _use_kernel(g, u):
         return a.backward(dh, g, u)
-    g2, u2, dh2 = _rows(g), _rows(u), _rows(dh)
+    g2, u2, dh2 = as_rows(g), as_rows(u), as_rows(dh)
     n_rows, n_cols = g2.shape
     buffers = [b.view(n_rows, n_cols) for b in reuse if b.is_contiguous() and b.dtype == g.dtype and b.numel() == g.numel()]
     while len(buffers) < 2:
         buffers.append(torch.empty((n_rows, n_cols), dtype=g.dtype, device=g.device))
     dg, du = buffers[:2]
-    grid = (n_rows, triton_cdiv(n_cols, _BLOCK_SIZE_N))
+    grid = (n_rows, cdiv(n_cols, _BLOCK_SIZE_N))
     with device_guard(g):
         a.bwd_kernel[grid](
             dh2, g2, u2, dg, du, dh2.stride(0), g2.stride(0), u2.stride(0), n_cols,
             BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS,
         )
     return dg.view(g.shape), du.view(g.shape)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("slothc::mlp_act", mutates_args=())
