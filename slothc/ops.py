@@ -18,8 +18,9 @@ import slothc.kernels.linear_cross_entropy  # noqa: F401  (registers slothc::lin
 import slothc.kernels.lora_linear  # noqa: F401  (registers slothc::lora_linear)
 import slothc.kernels.mlp  # noqa: F401  (registers slothc::mlp, slothc::mlp_act)
 import slothc.kernels.rms_norm  # noqa: F401  (registers slothc::rms_norm)
+import slothc.kernels.rope  # noqa: F401  (registers slothc::rope)
 
-__all__ = ["rms_norm", "layer_norm", "linear_cross_entropy", "lora_linear", "mlp"]
+__all__ = ["rms_norm", "layer_norm", "rope", "linear_cross_entropy", "lora_linear", "mlp"]
 
 
 def rms_norm(
@@ -39,6 +40,26 @@ def layer_norm(
 ) -> torch.Tensor:
     """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``, computed in fp32, rounded once to x.dtype."""
     return torch.ops.slothc.layer_norm(x, weight, bias, eps)
+
+
+def rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    rotary_dim: Optional[int] = None,
+    interleaved: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+):
+    """Rotary embedding of q (and k): ``x * cos + rotate(x) * sin`` on the first ``rotary_dim``
+    channels (default: all), the rest passed through; ``rotate`` is ``rotate_half`` (Llama) or, with
+    ``interleaved``, GPT-J's ``rotate_every_two``. cos/sin broadcast as Hugging Face's
+    ``apply_rotary_pos_emb`` makes them (``[B, 1, S, r]`` heads-first, ``[B, S, 1, r]`` seq-first).
+    Returns ``q_rot`` or ``(q_rot, k_rot)``, in ``out_dtype`` or eager's promoted dtype."""
+    rotary_dim = int(cos.shape[-1] if rotary_dim is None else rotary_dim)
+    outs = torch.ops.slothc.rope(q, k, cos, sin, rotary_dim, bool(interleaved), out_dtype)
+    return outs[0] if k is None else (outs[0], outs[1])
 
 
 def linear_cross_entropy(

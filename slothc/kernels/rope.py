@@ -1,0 +1,415 @@
+"""RoPE: the rotary position embedding of q and k in one kernel; its backward is the transposed rotation.
+
+Models rotate the first ``rotary_dim`` channels of every head of q and k (all of them, or a part:
+Phi, GPT-NeoX, StableLM) and pass the rest through. The rotated channels pair up as ``(x1_i, x2_i)``,
+``i < rotary_dim / 2``:
+
+- ``rotate_half`` (Llama, Mistral, Qwen, Gemma, ...): ``x1 = x[:r/2]``, ``x2 = x[r/2:r]``;
+- ``interleaved`` (GPT-J, Cohere, GLM): ``x1 = x[0:r:2]``, ``x2 = x[1:r:2]``.
+
+The model computes ``y = x * cos + rot(x) * sin`` with ``rot(x) = (-x2, x1)`` in the same pairing, so
+for each pair, with ``c1, c2, s1, s2`` the cos and sin values at its two channels::
+
+    y1 = x1 c1 - x2 s1
+    y2 = x2 c2 + x1 s2
+
+The vector-Jacobian product is the transpose of that (cos and sin are constants)::
+
+    dx1 = dy1 c1 + dy2 s2
+    dx2 = dy2 c2 - dy1 s1
+
+which is the forward with ``(s1, s2)`` replaced by ``(-s2, -s1)``: one kernel does both
+(``BACKWARD``). Every model's cos and sin repeat over a pair (``c1 == c2``, ``s1 == s2``), where this
+is the rotation by ``-theta``; the formulas do not assume it, so any cos and sin of the right shape
+(Qwen2-VL's multimodal sections, YaRN's scaled tables) give exactly what the model computes.
+
+Layout. q and k have rank 3 or 4, the head channels last. cos and sin broadcast to them with size 1
+over the head dim: ``[B, 1, S, D]`` for heads-first q ``[B, H, S, D]`` (``unsqueeze_dim=1``),
+``[B, S, 1, D]`` for seq-first q ``[B, S, H, D]`` (``unsqueeze_dim=2``), a batch of 1 broadcast too.
+:func:`rope_layout` views every tensor as ``[B, S, H, D]`` by strides (no copies: q and k usually are
+transposed views of a projection's output), and one program handles one position: it loads that
+position's cos and sin once and rotates all heads of q and of k (grouped-query k has fewer).
+Each result has the strides of its input (``empty_like``), like eager's elementwise result.
+
+The rotation is computed in fp32 and rounded once to the result dtype: ``out_dtype`` where the model
+casts its result (Cohere computes in fp32 and casts back to q's dtype), else what eager's
+``x * cos + rot(x) * sin`` promotes to (under autocast q is bf16 and cos fp32: the result is fp32).
+The pass-through channels are copied (converted to the result dtype). Gradients are in q's and k's
+dtypes; cos and sin get none (the op refuses inputs that would need one).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from slothc.kernels._launch import KERNEL_DTYPES, device_guard, next_power_of_2, use_triton
+
+# Elements of one (head block x half rotary width) tile: x1, x2 and their results stay in registers
+# (16 fp32 values each a thread at 4 warps).
+_TILE = 2048
+_NUM_WARPS = 4
+_PASS_BLOCK = 64  # pass-through channels copied per step
+
+
+class RopeLayout(NamedTuple):
+    """How a [.., D] tensor and its cos/sin are read as ``[B, S, H, D]`` and ``[B, S, rotary_dim]``."""
+
+    dims: tuple  # (batch dim, seq dim, head dim) of the rank-4 view
+    batch: int
+    seq: int
+
+
+def _padded(shape) -> tuple:
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def _is_one(size) -> bool:
+    # Symbolic sizes count as not 1 (no guard is taken); any consistent choice of head dim is
+    # correct, it only orders the work.
+    return type(size) is int and size == 1
+
+
+def rope_layout(x_shapes, cos_shape, rotary_dim: int) -> RopeLayout | str:
+    """The ``[B, S, H, D]`` reading of q (and k) for cos/sin of ``cos_shape``, or why there is none.
+
+    The head dim is a dim over which cos/sin broadcast (size 1): the last one where q or k has more
+    than one element, else the last one. q and k must then agree in batch and sequence sizes.
+    """
+    for x_shape in x_shapes:
+        if len(x_shape) not in (3, 4):
+            return f"q/k have rank {len(x_shape)}, not 3 or 4"
+        if len(x_shape) != len(x_shapes[0]):
+            return "q and k have different ranks"
+    if len(cos_shape) > len(x_shapes[0]) or len(cos_shape) < 1:
+        return "cos/sin have more dims than q/k"
+    if cos_shape[-1] != rotary_dim:
+        return f"cos/sin last dim {cos_shape[-1]} is not the rotary dim {rotary_dim}"
+    x4s, c4 = [_padded(x) for x in x_shapes], _padded(cos_shape)
+    for x4 in x4s:
+        for i in range(3):
+            if not _is_one(c4[i]) and c4[i] != x4[i]:
+                return "cos/sin broadcast beyond q/k's shape"
+    ones = [i for i in range(3) if _is_one(c4[i])]
+    if not ones:
+        return "cos/sin vary over every dim of q/k (no head dim to broadcast over)"
+    multi = [i for i in ones if any(not _is_one(x4[i]) for x4 in x4s)]
+    head = (multi or ones)[-1]
+    batch, seq = (i for i in range(3) if i != head)
+    for x4 in x4s[1:]:
+        if x4[batch] != x4s[0][batch] or x4[seq] != x4s[0][seq]:
+            return "q and k differ in batch or sequence size"
+    return RopeLayout((batch, seq, head), x4s[0][batch], x4s[0][seq])
+
+
+def _view4(t: torch.Tensor, dims: tuple) -> torch.Tensor:
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+    return t4.permute(*dims, 3)
+
+
+def _cos_view(cos: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
+    """cos as ``[B, S, rotary_dim]`` (stride 0 over a broadcast batch or seq)."""
+    c4 = _view4(cos, layout.dims)  # [b or 1, s or 1, 1, r]
+    return c4[:, :, 0, :].expand(layout.batch, layout.seq, c4.shape[-1])
+
+
+def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+
+
+def _check(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
+    """Validate the operands; returns q's layout (k's is the same when given)."""
+    if cos.shape != sin.shape:
+        raise ValueError(f"slothc rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"slothc rope: rotary_dim must be a positive even int, got {rotary_dim!r}")
+    xs = [("q", q)] + ([("k", k)] if k is not None else [])
+    for name, x in xs:
+        if x.shape[-1] < rotary_dim:
+            raise ValueError(f"slothc rope: {name} head dim {x.shape[-1]} is smaller than rotary_dim {rotary_dim}")
+    layout = rope_layout([tuple(x.shape) for _, x in xs], tuple(cos.shape), rotary_dim)
+    if isinstance(layout, str):
+        shapes = " and ".join(f"{name} {tuple(x.shape)}" for name, x in xs)
+        raise ValueError(f"slothc rope: {shapes} with cos/sin {tuple(cos.shape)}: {layout}")
+    return layout
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (the math spec, and the CPU implementation)
+# --------------------------------------------------------------------------------------------
+
+
+def _pairs(t: torch.Tensor, interleaved: bool):
+    if interleaved:
+        return t[..., 0::2], t[..., 1::2]
+    half = t.shape[-1] // 2
+    return t[..., :half], t[..., half:]
+
+
+def rope_reference(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    backward: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2`` (``backward``: ``s1, s2 -> -s2, -s1``), channels
+    past ``rotary_dim`` copied; computed in at least fp32, rounded once to ``out_dtype``."""
+    out_dtype = out_dtype or _out_dtype(x, cos, sin)
+    compute = torch.promote_types(out_dtype, torch.float32)
+    x1, x2 = _pairs(x[..., :rotary_dim].to(compute), interleaved)
+    c1, c2 = _pairs(cos.to(compute), interleaved)
+    s1, s2 = _pairs(sin.to(compute), interleaved)
+    if backward:
+        s1, s2 = -s2, -s1
+    y1 = x1 * c1 - x2 * s1
+    y2 = x2 * c2 + x1 * s2
+    y = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+    return torch.cat((y, x[..., rotary_dim:].to(compute)), -1).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_heads(
+    x_ptr,  # [B, S, H, D] input at this position's (b, s): pointer already offset
+    out_ptr,  # [B, S, H, D] result, same position
+    stride_x_h, stride_x_d,
+    stride_out_h, stride_out_d,
+    n_heads,
+    head_dim,
+    rotary_dim,
+    offs_1, offs_2, mask_pair,  # [BLOCK_HALF] channels of each pair's two members
+    c1, c2, s1, s2,  # [BLOCK_HALF] fp32 cos/sin at them (sin already transposed for BACKWARD)
+    BLOCK_H: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    """Rotate the first ``rotary_dim`` channels of every head at one position, copy the rest."""
+    offs_pass = tl.arange(0, BLOCK_PASS)
+    for h0 in range(0, n_heads, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h < n_heads)[:, None] & mask_pair[None, :]
+        x_row = x_ptr + offs_h[:, None] * stride_x_h
+        out_row = out_ptr + offs_h[:, None] * stride_out_h
+        x1 = tl.load(x_row + offs_1[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + offs_2[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * c1[None, :] - x2 * s1[None, :]
+        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(out_row + offs_1[None, :] * stride_out_d, y1.to(out_ty), mask=mask)
+        tl.store(out_row + offs_2[None, :] * stride_out_d, y2.to(out_ty), mask=mask)
+        for d0 in range(rotary_dim, head_dim, BLOCK_PASS):
+            offs_d = d0 + offs_pass
+            pmask = (offs_h < n_heads)[:, None] & (offs_d < head_dim)[None, :]
+            v = tl.load(x_row + offs_d[None, :] * stride_x_d, mask=pmask, other=0.0)
+            tl.store(out_row + offs_d[None, :] * stride_out_d, v.to(out_ty), mask=pmask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, q_out_ptr,  # [B, S, Hq, D] q (or dq) and its result, by strides
+    k_ptr, k_out_ptr,  # [B, S, Hk, D] k (or dk) and its result; unused without HAS_K
+    cos_ptr, sin_ptr,  # [B or 1, S, rotary_dim] by strides (0 over a broadcast dim)
+    n_seq,  # S
+    n_q_heads, n_k_heads,
+    head_dim, rotary_dim,
+    stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+    stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
+    stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+    stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
+    stride_cos_b, stride_cos_s, stride_cos_d,
+    stride_sin_b, stride_sin_s, stride_sin_d,
+    HAS_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1); else (i, i + rotary_dim/2)
+    BACKWARD: tl.constexpr,  # the transposed rotation: sin (s1, s2) -> (-s2, -s1)
+    BLOCK_HALF: tl.constexpr,  # >= rotary_dim / 2, a power of two
+    BLOCK_H: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    """One program per position (b, s): cos/sin loaded once, then every head of q and of k.
+
+    ``y1 = x1 c1 - x2 s1``, ``y2 = x2 c2 + x1 s2`` per channel pair (module docstring).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_seq
+    s = pid % n_seq
+    half = rotary_dim // 2
+    offs = tl.arange(0, BLOCK_HALF)
+    mask_pair = offs < half
+    if INTERLEAVED:
+        offs_1 = 2 * offs
+        offs_2 = 2 * offs + 1
+    else:
+        offs_1 = offs
+        offs_2 = offs + half
+    cos_row = cos_ptr + b * stride_cos_b + s * stride_cos_s
+    sin_row = sin_ptr + b * stride_sin_b + s * stride_sin_s
+    c1 = tl.load(cos_row + offs_1 * stride_cos_d, mask=mask_pair, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + offs_2 * stride_cos_d, mask=mask_pair, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + offs_1 * stride_sin_d, mask=mask_pair, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + offs_2 * stride_sin_d, mask=mask_pair, other=0.0).to(tl.float32)
+    if BACKWARD:
+        s1, s2 = -s2, -s1
+    _rope_heads(
+        q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
+        stride_q_h, stride_q_d, stride_qo_h, stride_qo_d,
+        n_q_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
+        BLOCK_H, BLOCK_PASS,
+    )
+    if HAS_K:
+        _rope_heads(
+            k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
+            stride_k_h, stride_k_d, stride_ko_h, stride_ko_d,
+            n_k_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
+            BLOCK_H, BLOCK_PASS,
+        )
+
+
+def _strides4(t: torch.Tensor, layout: RopeLayout) -> tuple:
+    return tuple(_view4(t, layout.dims).stride())
+
+
+def rope_launch(
+    xs: list,
+    outs: list,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    backward: bool,
+    layout: RopeLayout,
+) -> None:
+    """Launch ``_rope_kernel`` once for one or two tensors ``xs`` (q, k), writing ``outs``."""
+    q, q_out = xs[0], outs[0]
+    has_k = len(xs) == 2
+    k, k_out = (xs[1], outs[1]) if has_k else (q, q_out)
+    n_positions = layout.batch * layout.seq
+    if n_positions == 0 or q.numel() == 0 and (not has_k or k.numel() == 0):
+        return
+    n_q_heads = _view4(q, layout.dims).shape[2]
+    n_k_heads = _view4(k, layout.dims).shape[2] if has_k else 0
+    cos3, sin3 = _cos_view(cos, layout), _cos_view(sin, layout)
+    block_half = next_power_of_2(rotary_dim // 2)
+    block_h = max(1, min(next_power_of_2(max(n_q_heads, n_k_heads)), _TILE // block_half))
+    with device_guard(q):
+        _rope_kernel[(n_positions,)](
+            q, q_out, k, k_out, cos3, sin3,
+            layout.seq, n_q_heads, n_k_heads, q.shape[-1], rotary_dim,
+            *_strides4(q, layout), *_strides4(q_out, layout),
+            *_strides4(k, layout), *_strides4(k_out, layout),
+            *cos3.stride(), *sin3.stride(),
+            HAS_K=has_k, INTERLEAVED=bool(interleaved), BACKWARD=bool(backward),
+            BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_PASS=_PASS_BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+def _use_kernel(xs: list, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return use_triton(xs[0]) and all(t.dtype in KERNEL_DTYPES for t in (*xs, cos, sin))
+
+
+def _rotate(xs: list, out_dtypes: list, cos, sin, rotary_dim: int, interleaved: bool, backward: bool) -> list:
+    layout = _check(xs[0], xs[1] if len(xs) > 1 else None, cos, sin, rotary_dim, interleaved)
+    outs = [torch.empty_like(x, dtype=d) for x, d in zip(xs, out_dtypes)]
+    if _use_kernel(xs, cos, sin):
+        rope_launch(xs, outs, cos, sin, rotary_dim, interleaved, backward, layout)
+    else:
+        for x, out in zip(xs, outs):
+            out.copy_(rope_reference(x, cos, sin, rotary_dim, interleaved, backward, out.dtype))
+    return outs
+
+
+@torch.library.custom_op("slothc::rope", mutates_args=())
+def rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    out_dtype: Optional[torch.dtype],
+) -> list[torch.Tensor]:
+    """``[x * cos + rot(x) * sin for x in (q, k)]`` on the first ``rotary_dim`` channels (module docstring).
+
+    Results in ``out_dtype``, or (None) in the dtype eager's expression promotes to.
+    """
+    xs = [q] if k is None else [q, k]
+    return _rotate(xs, _out_dtypes(xs, cos, sin, out_dtype), cos, sin, rotary_dim, interleaved, False)
+
+
+def _out_dtypes(xs, cos, sin, out_dtype):
+    return [out_dtype or _out_dtype(x, cos, sin) for x in xs]
+
+
+@rope.register_fake
+def _rope_fake(q, k, cos, sin, rotary_dim, interleaved, out_dtype):
+    _check(q, k, cos, sin, rotary_dim, interleaved)
+    xs = [q] if k is None else [q, k]
+    return [torch.empty_like(x, dtype=d) for x, d in zip(xs, _out_dtypes(xs, cos, sin, out_dtype))]
+
+
+@torch.library.custom_op("slothc::rope_backward", mutates_args=())
+def rope_backward(
+    dq: torch.Tensor,
+    dk: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    q_dtype: torch.dtype,
+    k_dtype: Optional[torch.dtype],
+) -> list[torch.Tensor]:
+    """The input gradients of ``slothc::rope``: the transposed rotation of ``dq`` (and ``dk``)."""
+    xs = [dq] if dk is None else [dq, dk]
+    return _rotate(xs, [q_dtype, k_dtype][: len(xs)], cos, sin, rotary_dim, interleaved, True)
+
+
+@rope_backward.register_fake
+def _rope_backward_fake(dq, dk, cos, sin, rotary_dim, interleaved, q_dtype, k_dtype):
+    _check(dq, dk, cos, sin, rotary_dim, interleaved)
+    return [torch.empty_like(dq, dtype=q_dtype)] + ([] if dk is None else [torch.empty_like(dk, dtype=k_dtype)])
+
+
+def _rope_setup_context(ctx, inputs, output):
+    q, k, cos, sin, rotary_dim, interleaved, out_dtype = inputs
+    if cos.requires_grad or sin.requires_grad:
+        raise NotImplementedError(
+            "slothc::rope computes no gradient for cos/sin; pass detached cos and sin "
+            "(the rope pass leaves such graphs unfused)"
+        )
+    ctx.save_for_backward(cos, sin)
+    ctx.rotary_dim, ctx.interleaved = rotary_dim, interleaved
+    ctx.q_dtype = q.dtype
+    ctx.k_dtype = k.dtype if k is not None else None
+
+
+def _rope_autograd_backward(ctx, grads):
+    cos, sin = ctx.saved_tensors
+    dq, dk = (list(grads) + [None])[:2]
+    pairs = [(g, d) for g, d in ((dq, ctx.q_dtype), (dk, ctx.k_dtype)) if g is not None]
+    results = []
+    if pairs:
+        results = torch.ops.slothc.rope_backward(
+            pairs[0][0], pairs[1][0] if len(pairs) > 1 else None, cos, sin,
+            ctx.rotary_dim, ctx.interleaved, pairs[0][1], pairs[1][1] if len(pairs) > 1 else None,
+        )
+    results = iter(results)
+    dq_out = next(results) if dq is not None else None
+    dk_out = next(results) if dk is not None else None
+    return dq_out, dk_out, None, None, None, None, None
+
+
+torch.library.register_autograd("slothc::rope", _rope_autograd_backward, setup_context=_rope_setup_context)
