@@ -73,6 +73,17 @@ def _is_one(size) -> bool:
     return type(size) is int and size == 1
 
 
+# Why q/k and cos/sin cannot be read as [B, S, H, D] and [B, S, rotary_dim] (stable: the rope pass
+# reports them as skip reasons).
+RANK = "q/k are not 3-d or 4-d"
+RANKS_DIFFER = "q and k have different ranks"
+COS_RANK = "cos/sin have more dims than q/k"
+COS_WIDTH = "cos/sin last dim is not the rotary dim"
+BROADCAST_BEYOND = "cos/sin broadcast beyond q/k's shape"
+NO_HEAD_DIM = "cos/sin vary over every dim of q/k (no head dim to broadcast over)"
+QK_POSITIONS = "q and k differ in batch or sequence size"
+
+
 def rope_layout(x_shapes, cos_shape, rotary_dim: int) -> RopeLayout | str:
     """The ``[B, S, H, D]`` reading of q (and k) for cos/sin of ``cos_shape``, or why there is none.
 
@@ -81,27 +92,27 @@ def rope_layout(x_shapes, cos_shape, rotary_dim: int) -> RopeLayout | str:
     """
     for x_shape in x_shapes:
         if len(x_shape) not in (3, 4):
-            return f"q/k have rank {len(x_shape)}, not 3 or 4"
+            return RANK
         if len(x_shape) != len(x_shapes[0]):
-            return "q and k have different ranks"
+            return RANKS_DIFFER
     if len(cos_shape) > len(x_shapes[0]) or len(cos_shape) < 1:
-        return "cos/sin have more dims than q/k"
+        return COS_RANK
     if cos_shape[-1] != rotary_dim:
-        return f"cos/sin last dim {cos_shape[-1]} is not the rotary dim {rotary_dim}"
+        return COS_WIDTH
     x4s, c4 = [_padded(x) for x in x_shapes], _padded(cos_shape)
     for x4 in x4s:
         for i in range(3):
             if not _is_one(c4[i]) and c4[i] != x4[i]:
-                return "cos/sin broadcast beyond q/k's shape"
+                return BROADCAST_BEYOND
     ones = [i for i in range(3) if _is_one(c4[i])]
     if not ones:
-        return "cos/sin vary over every dim of q/k (no head dim to broadcast over)"
+        return NO_HEAD_DIM
     multi = [i for i in ones if any(not _is_one(x4[i]) for x4 in x4s)]
     head = (multi or ones)[-1]
     batch, seq = (i for i in range(3) if i != head)
     for x4 in x4s[1:]:
         if x4[batch] != x4s[0][batch] or x4[seq] != x4s[0][seq]:
-            return "q and k differ in batch or sequence size"
+            return QK_POSITIONS
     return RopeLayout((batch, seq, head), x4s[0][batch], x4s[0][seq])
 
 

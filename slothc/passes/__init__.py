@@ -3,9 +3,9 @@
 ``fusion_passes()`` is the ordered list of (fusion name, RuleSet, finish). It is built once, lazily
 (patterns are traced on first use, not at import time). Rule sets are applied in order; a later
 fusion sees the graph that earlier ones produced. ``finish(graph, report, graph_index)`` (or None)
-runs on each graph after its fusion's rules, for rewrites across sites: LoRA projections that share
-an input become one call; an MLP's activation is merged with its down projection (which the LoRA
-fusion rewrote first).
+runs on each graph after its fusion's rules, for rewrites across sites: the rotations of q and k
+become one call; LoRA projections that share an input become one call; an MLP's activation is
+merged with its down projection (which the LoRA fusion rewrote first).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from slothc.report import Report
 
 @functools.lru_cache(None)
 def fusion_passes() -> tuple:
-    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, rms_norm
+    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, rms_norm, rope
 
     return (
         ("rms_norm", rms_norm.RULES, None),
         ("layer_norm", layer_norm.RULES, None),
+        ("rope", rope.RULES, rope.finish_graph),
         ("lora_linear", lora_linear.RULES, lora_linear.finish_graph),
         ("mlp", mlp.RULES, mlp.finish_graph),
         ("linear_cross_entropy", linear_cross_entropy.RULES, None),

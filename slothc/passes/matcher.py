@@ -189,6 +189,10 @@ class _State:
     def match(self, pn, gn) -> None:
         if isinstance(pn, Node):
             self.match_node(pn, gn)
+        elif isinstance(pn, slice):  # x[..., h:] with a captured bound
+            if not isinstance(gn, slice):
+                raise _Fail(f"expected a slice, got {gn!r}")
+            self.match((pn.start, pn.stop, pn.step), (gn.start, gn.stop, gn.step))
         elif isinstance(pn, (list, tuple)):
             if not isinstance(gn, (list, tuple)) or len(pn) != len(gn):
                 raise _Fail(f"expected a sequence of {len(pn)}")

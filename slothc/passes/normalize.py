@@ -16,7 +16,12 @@ Canonical form
 - ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy``, ``F.silu``, ``F.relu`` take every
   argument positionally, defaults filled; ``F.gelu`` always has its keyword-only ``approximate``;
 - ``x @ w.T`` (``w`` 2-d; ``w.t()``, ``w.transpose(0, 1)``) is ``F.linear(x, w, None)``;
-  reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``).
+  reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``);
+- ``torch.cat``/``torch.stack`` take ``(tensors, dim)`` and ``flatten`` (method or function) is
+  ``torch.Tensor.flatten(x, start_dim, end_dim)``, positionally, with negative dims;
+- an index that spells every leading dim as ``:`` (``x[:, :, :, ::2]`` on a 4-d x) is ``x[..., ::2]``;
+  slices have no 0 start or 1 step (``0::2`` is ``::2``);
+- a reshape of a ``stack`` that merges its last two dims is ``flatten(-2, -1)``.
 
 Each rule is a small function ``rule(node) -> bool`` (changed or not) keyed by the targets it can
 fire on, so a node is only offered to the rules for its target (tinygrad's early reject). Rules
@@ -305,6 +310,97 @@ def _rsqrt_rule(node: Node) -> bool:
     return False
 
 
+def _rank(node_or_seq):
+    v = val(node_or_seq[0] if isinstance(node_or_seq, (list, tuple)) and node_or_seq else node_or_seq)
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _negative(dim, rank):
+    return dim - rank if isinstance(dim, int) and dim >= 0 and rank is not None else dim
+
+
+def _filled(node: Node, names: tuple, defaults: tuple) -> list | None:
+    """``node``'s arguments by position: kwargs placed, trailing defaults filled (None if it cannot)."""
+    if set(node.kwargs) - set(names) or len(node.args) > len(names):
+        return None
+    args = list(node.args)
+    for name, default in zip(names[len(args):], defaults[len(args):]):
+        args.append(node.kwargs.get(name, default))
+    return None if any(a is _REQUIRED for a in args) else args
+
+
+_REQUIRED = object()
+
+
+def _cat_rule(node: Node) -> bool:
+    """``cat(ts, dim=d)``/``stack(ts, dim=d)`` -> ``cat(ts, d - rank)``: positional, negative dim."""
+    args = _filled(node, ("tensors", "dim"), (_REQUIRED, 0))
+    if args is None:
+        return False
+    rank = _rank(args[0])
+    if rank is not None and node.target is torch.stack:
+        rank += 1
+    args[1] = _negative(args[1], rank)
+    if tuple(args) == tuple(node.args) and not node.kwargs:
+        return False
+    _set(node, node.target, args)
+    return True
+
+
+def _flatten_rule(node: Node) -> bool:
+    """``x.flatten(s, e)``/``torch.flatten`` -> ``torch.Tensor.flatten(x, s, e)``: positional, negative dims."""
+    args = _filled(node, ("input", "start_dim", "end_dim"), (_REQUIRED, 0, -1))
+    if args is None:
+        return False
+    rank = _rank(args[0])
+    args = [args[0], _negative(args[1], rank), _negative(args[2], rank)]
+    if node.target is torch.Tensor.flatten and tuple(args) == tuple(node.args) and not node.kwargs:
+        return False
+    _set(node, torch.Tensor.flatten, args)
+    return True
+
+
+def _stack_merge_rule(node: Node) -> bool:
+    """``stack(ts, -1).reshape_as(x)`` (or ``reshape``/``view``) that only merges the stack's last two
+    dims -> ``flatten(stack, -2, -1)`` (RoFormer's spelling of GPT-J's ``rotate_every_two``)."""
+    if not node.args or not isinstance(node.args[0], Node) or node.args[0].target is not torch.stack:
+        return False
+    x, out = val(node.args[0]), val(node)
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() < 2:
+        return False
+    if tuple(out.shape) != tuple(x.shape[:-2]) + (x.shape[-2] * x.shape[-1],):
+        return False
+    _set(node, torch.Tensor.flatten, (node.args[0], -2, -1))
+    return True
+
+
+def _canonical_slice(i):
+    if not isinstance(i, slice):
+        return i
+    start = None if type(i.start) is int and i.start == 0 else i.start
+    step = None if type(i.step) is int and i.step == 1 else i.step
+    return slice(start, i.stop, step)
+
+
+def _index_rule(node: Node) -> bool:
+    """``x[:, :, :, 0::2]`` (every leading dim a full ``:``) -> ``x[..., ::2]``: slices without a
+    0 start or a 1 step."""
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    x, index = node.args
+    if not isinstance(index, tuple):
+        return False
+    new = tuple(_canonical_slice(i) for i in index)
+    rank = _rank(x)
+    if rank is not None and rank >= 2 and len(new) == rank and isinstance(new[-1], slice):
+        if all(isinstance(i, slice) and i == slice(None) for i in new[:-1]):
+            new = (Ellipsis, new[-1])
+    if new == index and all(type(a) is type(b) for a, b in zip(new, index)):
+        return False
+    _set(node, operator.getitem, (x, new))
+    return True
+
+
 def _is_sqrt(arg) -> bool:
     return isinstance(arg, Node) and arg.op == "call_function" and arg.target is torch.sqrt and len(arg.args) == 1
 
@@ -332,6 +428,15 @@ _RULES = {
     torch.square: (_pow_rule,),
     torch.Tensor.square: (_pow_rule,),
     operator.mul: (_pow_rule,),
+    torch.cat: (_cat_rule,),
+    torch.stack: (_cat_rule,),
+    torch.Tensor.flatten: (_flatten_rule,),
+    torch.flatten: (_flatten_rule,),
+    operator.getitem: (_index_rule,),
+    torch.Tensor.reshape_as: (_stack_merge_rule,),
+    torch.Tensor.reshape: (_stack_merge_rule,),
+    torch.Tensor.view: (_stack_merge_rule,),
+    torch.reshape: (_stack_merge_rule,),
     torch.reciprocal: (_rsqrt_rule,),
     operator.truediv: (_rsqrt_rule,),
 }

@@ -234,7 +234,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="no head dim"):
         full = torch.randn(2, 2, 3, 8)
         torch.ops.slothc.rope(full, None, full, full, 8, False, None)
-    with pytest.raises(ValueError, match="differ in batch or sequence"):
+    with pytest.raises(ValueError, match="differ in batch or sequence size"):
         torch.ops.slothc.rope(q, torch.randn(2, 2, 3, 8), cos, cos, 8, False, None)
     with pytest.raises(NotImplementedError, match="no gradient for cos/sin"):
         torch.ops.slothc.rope(q, None, cos.requires_grad_(), cos, 8, False, None)

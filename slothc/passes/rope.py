@@ -1,0 +1,345 @@
+"""RoPE: the rotary embedding of q and k as models write it, rewritten to ``slothc::rope``.
+
+Every Hugging Face model with rotary positions computes, per tensor (after normalization)::
+
+    x * cos + rot(x) * sin
+
+with ``rot`` one of
+
+- ``rotate_half`` (Llama, Mistral, Qwen, Gemma, Phi-3, ...): ``cat((-x[..., h:], x[..., :h]), -1)``;
+- ``rotate_half`` with flipped signs (NanoChat): ``cat((x[..., h:], -x[..., :h]), -1)``, which is
+  ``rotate_half`` with ``-sin``;
+- ``interleaved`` (GPT-J's ``rotate_every_two``, Cohere, GLM, ERNIE, RoFormer):
+  ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``.
+
+Around it, in any combination:
+
+- ``partial`` (Phi, GPT-NeoX, StableLM, Phi-3, GLM): ``cat((rope(x[..., :d]), x[..., d:]), -1)``,
+  the first ``d`` channels rotated, the rest passed through (the op copies them: no ``cat``);
+- ``upcast`` (Cohere, ModernBERT): ``rope(x.float()).to(x.dtype)``; ERNIE 4.5 and DeepSeek-V4 upcast
+  ``rot(x)`` after rotating it (the same values): computed in fp32, cast back.
+
+cos and sin are captured as they reach the expression (unsqueezed, any dtype, any values: Qwen2-VL's
+multimodal sections and YaRN's scaled tables are computed before it and left to Inductor); they must
+broadcast over a head dim (``unsqueeze_dim`` 1 or 2, see ``slothc/kernels/rope.py``).
+
+Each rotation is one site. After the rules, the rotations of one attention module that read the same
+cos and sin (q and k) are merged into one ``slothc::rope`` call, one kernel launch
+(:func:`pair_q_and_k`).
+
+Skipped, with the reason: cos/sin that need a gradient, halves of unequal width (an odd rotary
+dim), cos/sin that do not broadcast over a head dim, a rotation whose result is used in any other
+expression (e.g. a scaling applied inside the rotation), and the complex-number form (Llama 4's
+``view_as_complex(x) * freqs_cis``), which is not matched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+import slothc.kernels.rope as rope_kernels  # registers torch.ops.slothc.rope
+from slothc.passes.matcher import NOT_A_CANDIDATE, Rule, RuleSet, match
+from slothc.passes.meta import propagate, val
+from slothc.report import module_path
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+NOT_A_TENSOR = "q/k or cos/sin is not a tensor"
+UNSUPPORTED_DTYPE = "dtype is not fp32, bf16 or fp16"
+UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
+COS_SIN_NEED_GRAD = "cos/sin require grad (the fused op computes no gradient for them)"
+COS_SIN_SHAPES = "cos and sin differ in shape"
+UNEQUAL_HALVES = "the halves of rotate_half differ in width (odd rotary dim)"
+ODD_ROTARY_DIM = "odd rotary dim"
+SLICE_NOT_CONSTANT = "the rotary dim is not a constant"
+NOT_ROPE_FORM = "rotation not in the form x * cos + rotate(x) * sin (e.g. scaled inside the rotation)"
+COMPLEX_ROTATION = "rotation as a complex product (view_as_complex(x) * freqs_cis) is not matched"
+
+_OP = torch.ops.slothc.rope.default
+
+
+# -- patterns ----------------------------------------------------------------------------------------
+#
+# One pattern per (rotation, partial or not, precision). The rotations take the half width ``h`` as
+# a capture where they slice by it.
+
+
+def _rotate_half(x, h):  # Llama: (-x2, x1)
+    return torch.cat((-x[..., h:], x[..., :h]), -1)
+
+
+def _rotate_half_flipped(x, h):  # NanoChat: (x2, -x1), i.e. rotate_half with sin negated
+    return torch.cat((x[..., h:], -x[..., :h]), -1)
+
+
+def _rotate_pairs(x):  # GPT-J's rotate_every_two: (-x[2i+1], x[2i]) per pair
+    return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+
+def _rotation(x, cos, sin, rotate, precision):
+    if precision == "upcast":  # Cohere, ModernBERT: rope(x.float()).to(x.dtype); x.float() once or twice
+        return (x.to(torch.float32) * cos + rotate(x.to(torch.float32)) * sin).to(x.dtype)
+    if precision == "upcast_after":  # ERNIE 4.5: rotate first, then upcast
+        return (x.to(torch.float32) * cos + rotate(x).to(torch.float32) * sin).to(x.dtype)
+    return x * cos + rotate(x) * sin
+
+
+def _pattern(rotation: str, partial: bool, precision: str):
+    rotate = {"rotate_half": _rotate_half, "rotate_half_flipped": _rotate_half_flipped, "interleaved": _rotate_pairs}[rotation]
+    if rotation == "interleaved":
+        if partial:
+            def fn(x, cos, sin, d):
+                xr = x[..., :d]
+                return torch.cat((_rotation(xr, cos, sin, rotate, precision), x[..., d:]), -1)
+        else:
+            def fn(x, cos, sin):
+                return _rotation(x, cos, sin, rotate, precision)
+    elif partial:
+        def fn(x, cos, sin, d, h):
+            xr = x[..., :d]
+            return torch.cat((_rotation(xr, cos, sin, lambda t: rotate(t, h), precision), x[..., d:]), -1)
+    else:
+        def fn(x, cos, sin, h):
+            return _rotation(x, cos, sin, lambda t: rotate(t, h), precision)
+    fn.__name__ = f"_rope_{rotation}{'_partial' if partial else ''}{'' if precision == 'plain' else '_' + precision}_pattern"
+    return fn
+
+
+def _rope_rotate_half_alone_pattern(x, h):
+    return _rotate_half(x, h)
+
+
+def _rope_rotate_half_flipped_alone_pattern(x, h):
+    return _rotate_half_flipped(x, h)
+
+
+def _rope_interleaved_alone_pattern(x):
+    return _rotate_pairs(x)
+
+
+def _rope_complex_pattern(x, freqs):  # Llama 4: view_as_real(view_as_complex(x) * freqs_cis)
+    return torch.view_as_real(torch.view_as_complex(x) * freqs)
+
+
+# -- checks ------------------------------------------------------------------------------------------
+
+
+def _rotary_dim(m) -> int | str:
+    """The rotated width: the captured slice ``d`` (partial) or x's last dim."""
+    if "d" in m.captures:
+        d = m["d"]
+        return d if type(d) is int and 0 < d <= m.val("x").shape[-1] else SLICE_NOT_CONSTANT
+    width = m.val("x").shape[-1]
+    return width if type(width) is int else SLICE_NOT_CONSTANT
+
+
+def _rope_check(m) -> str | None:
+    x, cos, sin = m.val("x"), m.val("cos"), m.val("sin")
+    if not all(isinstance(t, torch.Tensor) for t in (x, cos, sin)):
+        return NOT_A_TENSOR
+    if any(t.dtype not in SUPPORTED_DTYPES for t in (x, cos, sin)):
+        return UNSUPPORTED_DTYPE
+    if x.device.type not in ("cuda", "cpu"):
+        return UNSUPPORTED_DEVICE
+    if cos.requires_grad or sin.requires_grad:
+        return COS_SIN_NEED_GRAD
+    if cos.shape != sin.shape:
+        return COS_SIN_SHAPES
+    rotary_dim = _rotary_dim(m)
+    if isinstance(rotary_dim, str):
+        return rotary_dim
+    if "h" in m.captures:
+        if type(m["h"]) is not int or 2 * m["h"] != rotary_dim:
+            return UNEQUAL_HALVES
+    elif rotary_dim % 2:
+        return ODD_ROTARY_DIM
+    layout = rope_kernels.rope_layout([tuple(x.shape)], tuple(cos.shape), rotary_dim)
+    if isinstance(layout, str):
+        return layout
+    return None
+
+
+def _alone_check(m) -> str:
+    """A rotate_half / rotate_every_two left over after the rules: report it, unless it belongs to a
+    full expression that a rule already reported (skipped for another reason)."""
+    for user in m.root.users:
+        for outer in list(user.users):
+            for rule in RULES.rules:
+                if rule.replacement is not None and outer.target is rule.traced.output.target and match(rule.traced, outer):
+                    return NOT_A_CANDIDATE
+    return NOT_ROPE_FORM
+
+
+# -- replacements ------------------------------------------------------------------------------------
+
+
+def _replacement(rotation: str, precision: str):
+    interleaved = rotation == "interleaved"
+
+    def replace(m, x, cos, sin, **_):
+        rotary_dim = _rotary_dim(m)
+        width = m.val("x").shape[-1]
+        variant = {"rotate_half": "rotate_half", "rotate_half_flipped": "rotate_half (sin negated)", "interleaved": "interleaved"}[rotation]
+        if rotary_dim != width:
+            variant += f", partial {rotary_dim}/{width}"
+        if precision != "plain":
+            variant += ", fp32 then cast back"
+        m.state["variant"] = variant
+        out_dtype = m.val("x").dtype if precision != "plain" else None
+        if rotation == "rotate_half_flipped":
+            sin = -sin  # x*c + (x2, -x1)*s is x*c + (-x2, x1)*(-s)
+        return _OP(x, None, cos, sin, rotary_dim, interleaved, out_dtype)[0]
+
+    return replace
+
+
+def _always(reason):
+    def check(m) -> str:
+        return reason
+
+    return check
+
+
+# Partial spellings first (the rotation inside them is itself a match of a full one), then the
+# upcast ones (their inner expression is one too).
+RULES = RuleSet(
+    [
+        Rule("rope", f"{rotation}", _pattern(rotation, partial, precision), _replacement(rotation, precision), _rope_check)
+        for partial in (True, False)
+        for precision in ("upcast", "upcast_after", "plain")
+        for rotation in ("rotate_half", "rotate_half_flipped", "interleaved")
+    ]
+)
+REPORT_ONLY = RuleSet(
+    [
+        Rule("rope", "rotate_half", _rope_rotate_half_alone_pattern, None, _alone_check),
+        Rule("rope", "rotate_half (sin negated)", _rope_rotate_half_flipped_alone_pattern, None, _alone_check),
+        Rule("rope", "interleaved", _rope_interleaved_alone_pattern, None, _alone_check),
+        Rule("rope", "complex", _rope_complex_pattern, None, _always(COMPLEX_ROTATION)),
+    ]
+)
+
+
+# -- q and k in one call -----------------------------------------------------------------------------
+
+_SAME_VALUE_TARGETS = frozenset(
+    {operator.getitem, torch.repeat_interleave, torch.Tensor.repeat_interleave, torch.Tensor.unsqueeze,
+     torch.unsqueeze, torch.Tensor.to, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand, operator.neg}
+)
+
+
+def _same_value(a, b, depth: int = 6) -> bool:
+    """``a`` and ``b`` are one value: the same node, or the same deterministic view/cast of one value
+    (GPT-J computes cos for q and for k separately from one table)."""
+    if isinstance(a, Node) and isinstance(b, Node):
+        if a is b:
+            return True
+        if depth == 0 or a.op != "call_function" or b.op != "call_function" or a.target is not b.target:
+            return False
+        if a.target not in _SAME_VALUE_TARGETS or set(a.kwargs) != set(b.kwargs) or len(a.args) != len(b.args):
+            return False
+        return all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args)) and all(
+            _same_value(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y, depth) for x, y in zip(a, b))
+    if isinstance(a, Node) or isinstance(b, Node):
+        return False
+    return type(a) is type(b) and a == b
+
+
+def _single_calls(graph: Graph) -> list:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is _OP and n.args[1] is None]
+
+
+def pair_q_and_k(graph: Graph) -> list[str]:
+    """Merge two single-tensor ``slothc::rope`` calls of one module that read one cos and sin.
+
+    The merged call goes where the later of the two was, if every user of the earlier one's result
+    comes after that point (else where the earlier one was, if the later one's operands are all
+    defined before it); otherwise both stay. Returns the module path of each merged pair.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    calls = _single_calls(graph)
+    used, merged = set(), []
+    for i, first in enumerate(calls):
+        if first in used:
+            continue
+        for second in calls[i + 1 :]:
+            if second in used or not _pairable(first, second):
+                continue
+            if _merge(graph, first, second, order):
+                used.update((first, second))
+                merged.append(module_path(first))
+                order = {n: j for j, n in enumerate(graph.nodes)}
+                break
+    return merged
+
+
+def _pairable(a: Node, b: Node) -> bool:
+    _, _, cos_a, sin_a, *rest_a = a.args
+    _, _, cos_b, sin_b, *rest_b = b.args
+    if rest_a != rest_b or module_path(a) != module_path(b):
+        return False
+    if not (_same_value(cos_a, cos_b) and _same_value(sin_a, sin_b)):
+        return False
+    xa, xb, cos = val(a.args[0]), val(b.args[0]), val(cos_a)
+    layout = rope_kernels.rope_layout([tuple(xa.shape), tuple(xb.shape)], tuple(cos.shape), rest_a[0])
+    return not isinstance(layout, str)
+
+
+def _merge(graph: Graph, a: Node, b: Node, order: dict) -> bool:
+    """Replace single calls ``a`` and ``b`` (``a`` first in the graph) by one call for both."""
+    users_of_a = [u for g in a.users for u in g.users]
+    if all(order[u] > order[b] for u in users_of_a):
+        anchor = b  # every operand is defined by then; a's result is first needed after it
+    elif order[b.args[0]] < order[a]:
+        anchor = a  # b's tensor exists already (a's cos/sin are the ones the call reads)
+    else:
+        return False
+    _, _, cos, sin, rotary_dim, interleaved, out_dtype = a.args
+    with graph.inserting_before(anchor):
+        call = graph.call_function(_OP, (a.args[0], b.args[0], cos, sin, rotary_dim, interleaved, out_dtype))
+        getters = [graph.call_function(operator.getitem, (call, i)) for i in range(2)]
+    if not propagate([call, *getters], anchor):
+        for node in reversed([call, *getters]):
+            graph.erase_node(node)
+        return False
+    b_tables = [b.args[2], b.args[3]]
+    for node, getter in ((a, getters[0]), (b, getters[1])):
+        for user in list(node.users):  # getitem(node, 0): a single call has one result
+            user.replace_all_uses_with(getter)
+            graph.erase_node(user)
+        graph.erase_node(node)
+    _erase_dead(b_tables, graph)
+    return True
+
+
+def _erase_dead(nodes: list, graph: Graph) -> None:
+    work = [n for n in nodes if isinstance(n, Node)]
+    while work:
+        node = work.pop()
+        if node.graph is not graph or node.users or node.op != "call_function" or node.target not in _SAME_VALUE_TARGETS:
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        work.extend(inputs)
+
+
+def finish_graph(graph: Graph, report, graph_index: int = 0) -> None:
+    """After the rules: report leftover rotations, then put q and k of each module in one call."""
+    from slothc.passes.matcher import apply_graph
+
+    apply_graph(graph, REPORT_ONLY, report, graph_index)
+    merged = pair_q_and_k(graph)
+    sites = report.fused.get("rope", [])
+    for module in merged:
+        marked = 0
+        for i, site in enumerate(sites):
+            if marked < 2 and site.graph == graph_index and site.module == module and "q and k" not in site.variant:
+                sites[i] = dataclasses.replace(site, variant=f"{site.variant}, q and k in one launch")
+                marked += 1
