@@ -132,3 +132,35 @@ def test_gelu_gets_its_keyword():
     assert [n.kwargs for n in gelus] == [{"approximate": "none"}, {"approximate": "tanh"}] and all(len(n.args) == 1 for n in gelus)
     (silu,) = [n for n in gm.graph.nodes if n.target is F.silu]
     assert silu.args[1:] == (False,) and not silu.kwargs
+
+
+ROTATE_SPELLINGS = [  # one rotate_every_two, as GPT-J, GLM and RoFormer write it
+    lambda x: torch.stack((-x[:, :, :, 1::2], x[:, :, :, ::2]), dim=-1).flatten(-2),
+    lambda x: torch.stack((-x[..., 1::2], x[..., 0::2]), dim=4).flatten(3),
+    lambda x: torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape_as(x),
+    lambda x: torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).view(*x.shape),
+]
+
+
+@pytest.mark.parametrize("spelling", range(len(ROTATE_SPELLINGS)))
+def test_interleaved_rotations_become_one_form(spelling):
+    x = torch.randn(2, 3, 4, 8)
+    found, gm = _canonical(ROTATE_SPELLINGS[spelling], x)
+    assert found == [operator.getitem, operator.neg, operator.getitem, torch.stack, torch.Tensor.flatten]
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
+    assert nodes[torch.stack].args[1] == -1 and not nodes[torch.stack].kwargs
+    assert nodes[torch.Tensor.flatten].args[1:] == (-2, -1)
+    indexes = sorted(str(n.args[1]) for n in gm.graph.nodes if n.target is operator.getitem)
+    assert indexes == sorted([str((Ellipsis, slice(1, None, 2))), str((Ellipsis, slice(None, None, 2)))])
+    torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), ROTATE_SPELLINGS[0](x))
+
+
+def test_cat_dim_is_positional_and_negative():
+    found, gm = _canonical(lambda a, b: torch.cat((a, b), dim=2), torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    (node,) = [n for n in gm.graph.nodes if n.target is torch.cat]
+    assert node.args[1] == -1 and not node.kwargs
+
+
+def test_other_reshapes_of_a_stack_stay():
+    found, _ = _canonical(lambda x: torch.stack((x, x), dim=-1).reshape(2, -1), torch.randn(2, 3, 4))
+    assert torch.Tensor.flatten not in found
