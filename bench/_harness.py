@@ -521,7 +521,8 @@ class Skip(Exception):
 class FwdBwdCase:
     """One shape of one op, benchmarked over providers and modes.
 
-    ``make_set()`` returns a fresh input set ``{"x": leaf requiring grad, "dy": upstream gradient}``;
+    ``make_set()`` returns a fresh input set ``{"x": leaf requiring grad, "dy": upstream gradient}``
+    (an op of several inputs and outputs: ``x`` a tuple of leaves, ``dy`` a tuple of gradients);
     ``params`` are shared by all sets (weights are small and stay in L2 in a real model too);
     ``bytes_moved[mode]`` is the op's minimal traffic for that mode (the bench states its model).
     """
@@ -563,7 +564,7 @@ def run_fwd_bwd(
     """
     rows = []
     trainable = [p for p in case.params if p.requires_grad]
-    set_bytes = sum(t.numel() * t.element_size() for t in case.make_set().values())
+    set_bytes = sum(t.numel() * t.element_size() for v in case.make_set().values() for t in _map(v, lambda t: t, flat=True))
     sets = [case.make_set() for _ in range(rotation_count(set_bytes, device))]
     extra = dict(case.extra or {}, variant=case.variant, rotation_sets=len(sets))
     tol = CHECK_TOL.get(case.dtype, 1e-2)
@@ -587,11 +588,14 @@ def run_fwd_bwd(
         return r
 
     def outputs(fn, s, params):
-        x = s["x"]
-        y = fn(x, *params)
-        grads = torch.autograd.grad(y, [x] + [p for p in params if p.requires_grad], s["dy"])
+        xs = _map(s["x"], lambda t: t, flat=True)
+        y = fn(s["x"], *params)
+        grads = torch.autograd.grad(y, xs + [p for p in params if p.requires_grad], s["dy"])
+        if isinstance(y, (tuple, list)):  # several outputs (q and k): compared as one vector
+            y = torch.cat([t.reshape(-1) for t in y])
         synchronize(device)
-        names = ["y", "dx"] + [f"d{getattr(p, '_bench_name', i)}" for i, p in enumerate(trainable)]
+        dx = ["dx"] if len(xs) == 1 else [f"dx{i}" for i in range(len(xs))]
+        names = ["y", *dx] + [f"d{getattr(p, '_bench_name', i)}" for i, p in enumerate(trainable)]
         return dict(zip(names, [y.detach(), *grads]))
 
     ref64 = eager = None
@@ -611,8 +615,8 @@ def run_fwd_bwd(
             if eager is None:
                 if name != "eager":
                     raise RuntimeError("the first provider must be eager (the reference)")
-                x64 = sets[0]["x"].detach().double().requires_grad_(True)
-                s64 = {"x": x64, "dy": sets[0]["dy"].double()}
+                x64 = _map(sets[0]["x"], lambda t: t.detach().double().requires_grad_(True))
+                s64 = {"x": x64, "dy": _map(sets[0]["dy"], lambda t: t.double())}
                 p64 = [p.detach().double().requires_grad_(p.requires_grad) for p in case.params]
                 ref64 = outputs(fn, s64, p64)
             got = outputs(fn, sets[0], case.params)
@@ -695,6 +699,18 @@ def time_provider(
     return out
 
 
+def _backward(y, dy) -> None:
+    """``y.backward(dy)``; ``y`` and ``dy`` may be sequences (an op with several outputs)."""
+    torch.autograd.backward(y, dy)
+
+
+def _map(v, fn, flat: bool = False):
+    """``fn`` over a tensor or a tuple/list of tensors (``flat``: as a list)."""
+    if isinstance(v, (tuple, list)):
+        return [fn(t) for t in v] if flat else type(v)(fn(t) for t in v)
+    return [fn(v)] if flat else fn(v)
+
+
 def _err(e: BaseException) -> str:
     """``Type: message``, with the exception it happened during (a failed capture's first cause)."""
     msg = f"{type(e).__name__}: {e}"
@@ -706,7 +722,8 @@ def _err(e: BaseException) -> str:
 
 def _reset_grads(sets, trainable) -> None:
     for s in sets:
-        s["x"].grad = None
+        for t in _map(s["x"], lambda t: t, flat=True):
+            t.grad = None
     for p in trainable:
         p.grad = None
 
@@ -720,7 +737,7 @@ def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms
     if not is_cuda(device):
         return {}
     need = [m for m in ("fwd", "full") if m in modes or "bwd" in modes]
-    leaves = [s["x"] for s in sets] + list(trainable)
+    leaves = [t for s in sets for t in _map(s["x"], lambda t: t, flat=True)] + list(trainable)
     # One graph per input set, replayed round robin, only while one set fits in L2 (do_bench flushes
     # L2 before each replay anyway); else the first set alone.
     set_bytes = sum(t.numel() * t.element_size() for t in sets[0].values())
@@ -728,7 +745,7 @@ def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms
         sets = sets[:1]
     work = {
         "fwd": lambda s: fn(s["x"], *params),
-        "full": lambda s: fn(s["x"], *params).backward(s["dy"]),
+        "full": lambda s: _backward(fn(s["x"], *params), s["dy"]),
     }
     out: dict = {"sets": len(sets)}
     for mode in need:
@@ -776,7 +793,7 @@ def _primary(mode, graphs: dict, wall: Optional[Timing], device) -> tuple[Option
 
 def _time_mode(fn, mode, sets, params, trainable, device, rep_ms, warmup_ms) -> Timing:
     """The wall timing of ``mode`` (un-graphed calls; see ``time_fn``)."""
-    leaves = [s["x"] for s in sets] + list(trainable)
+    leaves = [t for s in sets for t in _map(s["x"], lambda t: t, flat=True)] + list(trainable)
     ring = itertools.cycle(sets)
     if mode == "fwd":
         calls = [lambda s=s: fn(s["x"], *params) for s in sets]
@@ -792,7 +809,7 @@ def _time_mode(fn, mode, sets, params, trainable, device, rep_ms, warmup_ms) -> 
 
         def backward(state):
             y, dy = state
-            y.backward(dy)
+            _backward(y, dy)
 
         for _ in sets:
             backward(forward())
@@ -801,7 +818,7 @@ def _time_mode(fn, mode, sets, params, trainable, device, rep_ms, warmup_ms) -> 
             backward, device, rep_ms=rep_ms, warmup_ms=warmup_ms, grad_to_none=leaves, setup=forward
         )
     if mode == "full":
-        calls = [lambda s=s: fn(s["x"], *params).backward(s["dy"]) for s in sets]
+        calls = [lambda s=s: _backward(fn(s["x"], *params), s["dy"]) for s in sets]
         for call in calls:
             call()
         synchronize(device)

@@ -15,13 +15,13 @@
 # there: PYTHONPATH carries the repository root.
 #
 # Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_LCE
-# T_LORA T_MLP T_SUMMARY. SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths
+# T_LORA T_MLP T_ROPE T_SUMMARY. SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths
 # and flags. BENCHES: which benchmarks run (default "rms_norm layer_norm linear_cross_entropy
-# lora_linear mlp"; the
+# lora_linear mlp rope"; the
 # others are skipped and promised no time). BENCH_ARGS: extra flags for every bench (e.g. "--rep-ms
 # 50", or "--quick" for a dry run of this script on a CPU machine); LCE_ARGS: extra flags for the
 # linear_cross_entropy bench alone (e.g. "--tokens 8192 --providers eager slothc"); LORA_ARGS and
-# MLP_ARGS: the same for the lora_linear and mlp benches.
+# MLP_ARGS, ROPE_ARGS: the same for the lora_linear, mlp and rope benches.
 
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
@@ -38,19 +38,22 @@ T_LN=${T_LN:-110}
 T_LCE=${T_LCE:-150}
 T_LORA=${T_LORA:-200}
 T_MLP=${T_MLP:-120}
+T_ROPE=${T_ROPE:-120}
 T_SUMMARY=${T_SUMMARY:-15}
 T_KILL=5  # grace between timeout's TERM and KILL
-BENCHES=${BENCHES:-rms_norm layer_norm linear_cross_entropy lora_linear mlp}
+BENCHES=${BENCHES:-rms_norm layer_norm linear_cross_entropy lora_linear mlp rope}
 selected() { [[ " $BENCHES " == *" $1 "* ]]; }
 # A bench that is not selected is promised no time (nor its kill grace: K_*).
-K_RMS=$T_KILL K_LN=$T_KILL K_LCE=$T_KILL K_LORA=$T_KILL K_MLP=$T_KILL
+K_RMS=$T_KILL K_LN=$T_KILL K_LCE=$T_KILL K_LORA=$T_KILL K_MLP=$T_KILL K_ROPE=$T_KILL
 selected rms_norm || T_RMS=0 K_RMS=0
 selected layer_norm || T_LN=0 K_LN=0
 selected linear_cross_entropy || T_LCE=0 K_LCE=0
 selected lora_linear || T_LORA=0 K_LORA=0
 selected mlp || T_MLP=0 K_MLP=0
+selected rope || T_ROPE=0 K_ROPE=0
 # What the benches after each one are promised (their limits and kill graces), and the summary.
-R_AFTER_MLP=$((2 * T_SUMMARY))
+R_AFTER_ROPE=$((2 * T_SUMMARY))
+R_AFTER_MLP=$((T_ROPE + K_ROPE + R_AFTER_ROPE))
 R_AFTER_LORA=$((T_MLP + K_MLP + R_AFTER_MLP))
 R_AFTER_LCE=$((T_LORA + K_LORA + R_AFTER_LORA))
 R_AFTER_LN=$((T_LCE + K_LCE + R_AFTER_LCE))
@@ -121,7 +124,7 @@ import torch._inductor.config as ic  # the bench's inductor_chunked provider nee
 ac = getattr(ic, "auto_chunker", None)
 print("inductor auto_chunker:", "missing" if ac is None else
       {k: getattr(ac, k) for k in ("enable", "output_size_threshold", "amplify_ratio_threshold", "num_chunk") if hasattr(ac, k)})
-import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm, liger_kernel.ops.fused_linear_cross_entropy  # noqa: E401,F401
+import liger_kernel.ops.rms_norm, liger_kernel.ops.layer_norm, liger_kernel.ops.fused_linear_cross_entropy, liger_kernel.ops.rope  # noqa: E401,F401
 import slothc.ops  # noqa: E401,F401  the ops register on import
 print("imports ok: liger_kernel ops; torch.ops.slothc:", sorted(n for n in dir(torch.ops.slothc) if not n.startswith("_")))
 if not torch.cuda.is_available():
@@ -171,6 +174,8 @@ bench linear_cross_entropy "$T_LCE" "$R_AFTER_LCE" bench/bench_linear_cross_entr
 bench lora_linear "$T_LORA" "$R_AFTER_LORA" bench/bench_lora_linear.py ${BENCH_ARGS:-} ${LORA_ARGS:-}
 # shellcheck disable=SC2086
 bench mlp "$T_MLP" "$R_AFTER_MLP" bench/bench_mlp.py ${BENCH_ARGS:-} ${MLP_ARGS:-}
+# shellcheck disable=SC2086
+bench rope "$T_ROPE" "$R_AFTER_ROPE" bench/bench_rope.py ${BENCH_ARGS:-} ${ROPE_ARGS:-}
 
 # 5. Summary: Markdown for bench/results/, then a compact table last (the reply shows the tail).
 if [ -s "$OUT/bench.jsonl" ]; then
