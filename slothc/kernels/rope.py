@@ -242,7 +242,8 @@ def _rope_kernel(
     INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1); else (i, i + rotary_dim/2)
     BACKWARD: tl.constexpr,  # the transposed rotation: sin (s1, s2) -> (-s2, -s1)
     BLOCK_HALF: tl.constexpr,  # >= rotary_dim / 2, a power of two
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,  # heads of q rotated at once
+    BLOCK_HK: tl.constexpr,  # heads of k rotated at once
     BLOCK_PASS: tl.constexpr,
 ):
     """One program per position (b, s): cos/sin loaded once, then every head of q and of k.
@@ -273,14 +274,14 @@ def _rope_kernel(
         q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
         stride_q_h, stride_q_d, stride_qo_h, stride_qo_d,
         n_q_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
-        BLOCK_H, BLOCK_PASS,
+        BLOCK_HQ, BLOCK_PASS,
     )
     if HAS_K:
         _rope_heads(
             k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
             stride_k_h, stride_k_d, stride_ko_h, stride_ko_d,
             n_k_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
-            BLOCK_H, BLOCK_PASS,
+            BLOCK_HK, BLOCK_PASS,
         )
 
 
@@ -309,7 +310,9 @@ def rope_launch(
     n_k_heads = _view4(k, layout.dims).shape[2] if has_k else 0
     cos3, sin3 = _cos_view(cos, layout), _cos_view(sin, layout)
     block_half = next_power_of_2(rotary_dim // 2)
-    block_h = max(1, min(next_power_of_2(max(n_q_heads, n_k_heads)), _TILE // block_half))
+    def block_h(n_heads):
+        return max(1, min(next_power_of_2(n_heads), _TILE // block_half))
+
     with device_guard(q):
         _rope_kernel[(n_positions,)](
             q, q_out, k, k_out, cos3, sin3,
@@ -318,7 +321,8 @@ def rope_launch(
             *_strides4(k, layout), *_strides4(k_out, layout),
             *cos3.stride(), *sin3.stride(),
             HAS_K=has_k, INTERLEAVED=bool(interleaved), BACKWARD=bool(backward),
-            BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_PASS=_PASS_BLOCK,
+            BLOCK_HALF=block_half, BLOCK_HQ=block_h(n_q_heads), BLOCK_HK=block_h(max(n_k_heads, 1)),
+            BLOCK_PASS=_PASS_BLOCK,
             num_warps=_NUM_WARPS,
         )
 
