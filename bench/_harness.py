@@ -564,7 +564,7 @@ def run_fwd_bwd(
     """
     rows = []
     trainable = [p for p in case.params if p.requires_grad]
-    set_bytes = sum(t.numel() * t.element_size() for v in case.make_set().values() for t in _map(v, lambda t: t, flat=True))
+    set_bytes = _set_bytes(case.make_set())
     sets = [case.make_set() for _ in range(rotation_count(set_bytes, device))]
     extra = dict(case.extra or {}, variant=case.variant, rotation_sets=len(sets))
     tol = CHECK_TOL.get(case.dtype, 1e-2)
@@ -699,6 +699,11 @@ def time_provider(
     return out
 
 
+def _set_bytes(s: dict) -> int:
+    """Bytes of one input set (its tensors, or tuples of them)."""
+    return sum(t.numel() * t.element_size() for v in s.values() for t in _map(v, lambda t: t, flat=True))
+
+
 def _backward(y, dy) -> None:
     """``y.backward(dy)``; ``y`` and ``dy`` may be sequences (an op with several outputs)."""
     torch.autograd.backward(y, dy)
@@ -740,7 +745,7 @@ def _graph_timings(fn, modes, sets, params, trainable, device, rep_ms, warmup_ms
     leaves = [t for s in sets for t in _map(s["x"], lambda t: t, flat=True)] + list(trainable)
     # One graph per input set, replayed round robin, only while one set fits in L2 (do_bench flushes
     # L2 before each replay anyway); else the first set alone.
-    set_bytes = sum(t.numel() * t.element_size() for t in sets[0].values())
+    set_bytes = _set_bytes(sets[0])
     if set_bytes > l2_bytes(device):
         sets = sets[:1]
     work = {
