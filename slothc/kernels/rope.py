@@ -198,30 +198,64 @@ def _rope_heads(
     n_heads,
     head_dim,
     rotary_dim,
-    offs_1, offs_2, mask_pair,  # [BLOCK_HALF] channels of each pair's two members
-    c1, c2, s1, s2,  # [BLOCK_HALF] fp32 cos/sin at them (sin already transposed for BACKWARD)
+    c1, c2, s1, s2,  # [BLOCK_HALF] fp32 cos/sin at each pair's two channels (sin transposed for BACKWARD)
+    INTERLEAVED: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
 ):
-    """Rotate the first ``rotary_dim`` channels of every head at one position, copy the rest."""
+    """Rotate the first ``rotary_dim`` channels of every head at one position, copy the rest.
+
+    Both pairings load and store whole rows: rotate_half as its two halves, interleaved as one
+    ``[BLOCK_H, 2 * BLOCK_HALF]`` tile split into its even and odd channels in registers (a stride-2
+    access per member would halve the width of every memory transaction).
+    """
+    half = rotary_dim // 2
+    offs = tl.arange(0, BLOCK_HALF)
     offs_pass = tl.arange(0, BLOCK_PASS)
+    out_ty = out_ptr.dtype.element_ty
     for h0 in range(0, n_heads, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask = (offs_h < n_heads)[:, None] & mask_pair[None, :]
+        mask_h = offs_h < n_heads
         x_row = x_ptr + offs_h[:, None] * stride_x_h
         out_row = out_ptr + offs_h[:, None] * stride_out_h
-        x1 = tl.load(x_row + offs_1[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_row + offs_2[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-        y1 = x1 * c1[None, :] - x2 * s1[None, :]
-        y2 = x2 * c2[None, :] + x1 * s2[None, :]
-        out_ty = out_ptr.dtype.element_ty
-        tl.store(out_row + offs_1[None, :] * stride_out_d, y1.to(out_ty), mask=mask)
-        tl.store(out_row + offs_2[None, :] * stride_out_d, y2.to(out_ty), mask=mask)
+        if INTERLEAVED:
+            offs_r = tl.arange(0, 2 * BLOCK_HALF)
+            mask = mask_h[:, None] & (offs_r < rotary_dim)[None, :]
+            x = tl.load(x_row + offs_r[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+            y1 = x1 * c1[None, :] - x2 * s1[None, :]
+            y2 = x2 * c2[None, :] + x1 * s2[None, :]
+            y = tl.reshape(tl.join(y1, y2), (BLOCK_H, 2 * BLOCK_HALF))
+            tl.store(out_row + offs_r[None, :] * stride_out_d, y.to(out_ty), mask=mask)
+        else:
+            mask = mask_h[:, None] & (offs < half)[None, :]
+            x1 = tl.load(x_row + offs[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + (offs + half)[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+            y1 = x1 * c1[None, :] - x2 * s1[None, :]
+            y2 = x2 * c2[None, :] + x1 * s2[None, :]
+            tl.store(out_row + offs[None, :] * stride_out_d, y1.to(out_ty), mask=mask)
+            tl.store(out_row + (offs + half)[None, :] * stride_out_d, y2.to(out_ty), mask=mask)
         for d0 in range(rotary_dim, head_dim, BLOCK_PASS):
             offs_d = d0 + offs_pass
-            pmask = (offs_h < n_heads)[:, None] & (offs_d < head_dim)[None, :]
+            pmask = mask_h[:, None] & (offs_d < head_dim)[None, :]
             v = tl.load(x_row + offs_d[None, :] * stride_x_d, mask=pmask, other=0.0)
             tl.store(out_row + offs_d[None, :] * stride_out_d, v.to(out_ty), mask=pmask)
+
+
+@triton.jit
+def _load_pairs(row_ptr, stride_d, rotary_dim, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The fp32 values of one cos/sin row at each pair's first and second channel."""
+    if INTERLEAVED:
+        offs_r = tl.arange(0, 2 * BLOCK_HALF)
+        v = tl.load(row_ptr + offs_r * stride_d, mask=offs_r < rotary_dim, other=0.0).to(tl.float32)
+        v1, v2 = tl.split(tl.reshape(v, (BLOCK_HALF, 2)))
+    else:
+        half = rotary_dim // 2
+        offs = tl.arange(0, BLOCK_HALF)
+        v1 = tl.load(row_ptr + offs * stride_d, mask=offs < half, other=0.0).to(tl.float32)
+        v2 = tl.load(row_ptr + (offs + half) * stride_d, mask=offs < half, other=0.0).to(tl.float32)
+    return v1, v2
 
 
 @triton.jit
@@ -253,35 +287,22 @@ def _rope_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_seq
     s = pid % n_seq
-    half = rotary_dim // 2
-    offs = tl.arange(0, BLOCK_HALF)
-    mask_pair = offs < half
-    if INTERLEAVED:
-        offs_1 = 2 * offs
-        offs_2 = 2 * offs + 1
-    else:
-        offs_1 = offs
-        offs_2 = offs + half
-    cos_row = cos_ptr + b * stride_cos_b + s * stride_cos_s
-    sin_row = sin_ptr + b * stride_sin_b + s * stride_sin_s
-    c1 = tl.load(cos_row + offs_1 * stride_cos_d, mask=mask_pair, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_row + offs_2 * stride_cos_d, mask=mask_pair, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_row + offs_1 * stride_sin_d, mask=mask_pair, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_row + offs_2 * stride_sin_d, mask=mask_pair, other=0.0).to(tl.float32)
+    c1, c2 = _load_pairs(cos_ptr + b * stride_cos_b + s * stride_cos_s, stride_cos_d, rotary_dim, INTERLEAVED, BLOCK_HALF)
+    s1, s2 = _load_pairs(sin_ptr + b * stride_sin_b + s * stride_sin_s, stride_sin_d, rotary_dim, INTERLEAVED, BLOCK_HALF)
     if BACKWARD:
         s1, s2 = -s2, -s1
     _rope_heads(
         q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
         stride_q_h, stride_q_d, stride_qo_h, stride_qo_d,
-        n_q_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
-        BLOCK_HQ, BLOCK_PASS,
+        n_q_heads, head_dim, rotary_dim, c1, c2, s1, s2,
+        INTERLEAVED, BLOCK_HALF, BLOCK_HQ, BLOCK_PASS,
     )
     if HAS_K:
         _rope_heads(
             k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
             stride_k_h, stride_k_d, stride_ko_h, stride_ko_d,
-            n_k_heads, head_dim, rotary_dim, offs_1, offs_2, mask_pair, c1, c2, s1, s2,
-            BLOCK_HK, BLOCK_PASS,
+            n_k_heads, head_dim, rotary_dim, c1, c2, s1, s2,
+            INTERLEAVED, BLOCK_HALF, BLOCK_HK, BLOCK_PASS,
         )
 
 
