@@ -7,7 +7,8 @@ The input set is what attention hands the rotation: q and k projections ``[B, S,
 leaves), viewed per head and transposed to heads-first ``[B, H, S, D]`` (strided views, as in every
 HF model), cos/sin ``[1, S, r]`` in the model dtype (what the rotary module returns). The upstream
 gradients come in the layout SDPA's backward gives them (that of its inputs: ``[B, S, H, D]`` in
-memory). Forms (``--forms``):
+memory, ``sdpa``), or contiguous (a matmul-based attention's backward gives those; ``--grad-layouts``).
+Forms (``--forms``):
 
 - ``rotate_half``: Llama's ``apply_rotary_pos_emb``;
 - ``partial``: Phi-3's, the first ``r = D/2`` channels rotated, the rest passed through;
@@ -19,6 +20,9 @@ Providers:
 - ``inductor``: ``torch.compile`` of it (default options);
 - ``slothc``: ``torch.compile(..., backend="slothc")`` of it: the rope pass rewrites q's and k's
   rotations into one ``slothc::rope`` call (rows carry ``fused``: the report's count, 2 = q and k);
+  Compiled providers return q and k from their graph, so AOTAutograd makes their gradients
+  contiguous on the way in (a copy of dq and dk) when they come in SDPA's layout; in a model the
+  attention is in the same graph and no such copy happens. The ``contiguous`` rows have none.
 - ``liger``: ``LigerRopeFunction`` (rotate_half and partial; it has no interleaved form). It
   rotates q and k in place, so it runs last: the inputs it overwrites are no one else's reference.
 
@@ -136,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", default="32:8", help="query heads:key/value heads (default 32:8)")
     parser.add_argument("--head-dim", type=int, default=None, help="default 128; quick 64")
+    parser.add_argument("--grad-layouts", nargs="+", default=["sdpa", "contiguous"], choices=["sdpa", "contiguous"],
+                        help="layout of the upstream gradients dq, dk")
     args = H.resolve_args(parser.parse_args(argv))
     import torch
 
@@ -154,7 +160,7 @@ def main(argv=None):
     H.measure_ceilings(rec, device, matmul=False, quick=args.quick)
     _write(args.out, rec.rows)
     print(f"copy bandwidth {rec.copy_gbps:.0f} GB/s (read + written) on {rec.env['device']}", flush=True)
-    for form in args.forms:
+    for form, grad_layout in [(f, g) for g in args.grad_layouts for f in args.forms]:
         rotary_dim = head_dim // 2 if form == "partial" else head_dim
         inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
         freqs = torch.arange(seq, device=device, dtype=torch.float32)[None, :, None] * inv_freq
@@ -168,13 +174,15 @@ def main(argv=None):
             # SDPA's backward returns dq, dk in its inputs' layout: [B, S, H, D] in memory
             dq = torch.randn(b, seq, heads[0], head_dim, device=device, dtype=dtype).transpose(1, 2)
             dk = torch.randn(b, seq, heads[1], head_dim, device=device, dtype=dtype).transpose(1, 2)
+            if grad_layout == "contiguous":
+                dq, dk = dq.contiguous(), dk.contiguous()
             return {"x": (xq, xk), "dy": (dq, dk)}
 
         fused_flag: dict = {}
         case = H.FwdBwdCase(
-            op=OP, variant=form, shape=(b, seq, heads[0], heads[1], head_dim), dtype=dtype, make_set=make_set,
+            op=OP, variant=form if grad_layout == "sdpa" else f"{form}, dy contiguous", shape=(b, seq, heads[0], heads[1], head_dim), dtype=dtype, make_set=make_set,
             params=[cos, sin], bytes_moved=bytes_moved(n, heads, head_dim, rotary_dim, dtype.itemsize),
-            extra={"rotary_dim": rotary_dim, "q_heads": heads[0], "kv_heads": heads[1], "head_dim": head_dim, "seq": seq},
+            extra={"grad_layout": grad_layout, "rotary_dim": rotary_dim, "q_heads": heads[0], "kv_heads": heads[1], "head_dim": head_dim, "seq": seq},
         )
         rows = H.run_fwd_bwd(rec, case, providers(args.providers, form, heads, head_dim, fused_flag), device,
                              modes=args.modes, rep_ms=args.rep_ms)

@@ -357,9 +357,19 @@ def _use_kernel(xs: list, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return use_triton(xs[0]) and all(t.dtype in KERNEL_DTYPES for t in (*xs, cos, sin))
 
 
-def _rotate(xs: list, out_dtypes: list, cos, sin, rotary_dim: int, interleaved: bool, backward: bool) -> list:
+def _empty(xs: list, out_dtypes: list, out_strides: Optional[list]) -> list:
+    """Results like ``xs`` (``empty_like``), or with the given strides."""
+    if out_strides is None:
+        return [torch.empty_like(x, dtype=d) for x, d in zip(xs, out_dtypes)]
+    for x, st in zip(xs, out_strides):
+        if len(st) != x.dim():
+            raise ValueError(f"slothc rope: strides {tuple(st)} do not fit a {x.dim()}-d gradient")
+    return [torch.empty_strided(x.shape, st, dtype=d, device=x.device) for x, d, st in zip(xs, out_dtypes, out_strides)]
+
+
+def _rotate(xs: list, out_dtypes: list, cos, sin, rotary_dim: int, interleaved: bool, backward: bool, out_strides=None) -> list:
     layout = _check(xs[0], xs[1] if len(xs) > 1 else None, cos, sin, rotary_dim, interleaved)
-    outs = [torch.empty_like(x, dtype=d) for x, d in zip(xs, out_dtypes)]
+    outs = _empty(xs, out_dtypes, out_strides)
     if _use_kernel(xs, cos, sin):
         rope_launch(xs, outs, cos, sin, rotary_dim, interleaved, backward, layout)
     else:
@@ -407,16 +417,27 @@ def rope_backward(
     interleaved: bool,
     q_dtype: torch.dtype,
     k_dtype: Optional[torch.dtype],
+    q_strides: list[int],
+    k_strides: Optional[list[int]],
 ) -> list[torch.Tensor]:
-    """The input gradients of ``slothc::rope``: the transposed rotation of ``dq`` (and ``dk``)."""
+    """The input gradients of ``slothc::rope``: the transposed rotation of ``dq`` (and ``dk``).
+
+    They are written with the strides of the forward's results (``q_strides``, ``k_strides``), which
+    are q's and k's own layout: whatever layout the upstream gradients come in (SDPA's backward keeps
+    its inputs', a matmul-based attention gives contiguous ones), the gradient reaches the view that
+    made q (``proj(x).view(B, S, H, D).transpose(1, 2)``) in the layout that view reads without a copy.
+    """
     xs = [dq] if dk is None else [dq, dk]
-    return _rotate(xs, [q_dtype, k_dtype][: len(xs)], cos, sin, rotary_dim, interleaved, True)
+    strides = [q_strides] if dk is None else [q_strides, k_strides]
+    return _rotate(xs, [q_dtype, k_dtype][: len(xs)], cos, sin, rotary_dim, interleaved, True, strides)
 
 
 @rope_backward.register_fake
-def _rope_backward_fake(dq, dk, cos, sin, rotary_dim, interleaved, q_dtype, k_dtype):
+def _rope_backward_fake(dq, dk, cos, sin, rotary_dim, interleaved, q_dtype, k_dtype, q_strides, k_strides):
     _check(dq, dk, cos, sin, rotary_dim, interleaved)
-    return [torch.empty_like(dq, dtype=q_dtype)] + ([] if dk is None else [torch.empty_like(dk, dtype=k_dtype)])
+    xs = [dq] if dk is None else [dq, dk]
+    strides = [q_strides] if dk is None else [q_strides, k_strides]
+    return _empty(xs, [q_dtype, k_dtype][: len(xs)], strides)
 
 
 def _rope_setup_context(ctx, inputs, output):
@@ -430,17 +451,20 @@ def _rope_setup_context(ctx, inputs, output):
     ctx.rotary_dim, ctx.interleaved = rotary_dim, interleaved
     ctx.q_dtype = q.dtype
     ctx.k_dtype = k.dtype if k is not None else None
+    # The results' strides are q's and k's layout (empty_like): the gradients are written in it.
+    ctx.strides = [list(t.stride()) for t in output]
 
 
 def _rope_autograd_backward(ctx, grads):
     cos, sin = ctx.saved_tensors
     dq, dk = (list(grads) + [None])[:2]
-    pairs = [(g, d) for g, d in ((dq, ctx.q_dtype), (dk, ctx.k_dtype)) if g is not None]
+    strides = ctx.strides + [None]
+    pairs = [(g, d, st) for g, d, st in ((dq, ctx.q_dtype, strides[0]), (dk, ctx.k_dtype, strides[1])) if g is not None]
     results = []
     if pairs:
+        second = pairs[1] if len(pairs) > 1 else (None, None, None)
         results = torch.ops.slothc.rope_backward(
-            pairs[0][0], pairs[1][0] if len(pairs) > 1 else None, cos, sin,
-            ctx.rotary_dim, ctx.interleaved, pairs[0][1], pairs[1][1] if len(pairs) > 1 else None,
+            pairs[0][0], second[0], cos, sin, ctx.rotary_dim, ctx.interleaved, pairs[0][1], second[1], pairs[0][2], second[2]
         )
     results = iter(results)
     dq_out = next(results) if dq is not None else None

@@ -180,6 +180,24 @@ def test_one_launch_rotates_q_and_k(monkeypatch):
     assert calls["rope_launch"] == 2 and q.grad is not None and k.grad is not None
 
 
+@pytest.mark.parametrize("grad_layout", ["sdpa", "contiguous"])
+def test_gradient_in_the_layout_of_q(grad_layout):
+    """dq is written in q's layout whatever the upstream gradient's (SDPA's backward keeps its inputs'
+    layout, a matmul attention's is contiguous): the view that made q then reads it without a copy."""
+    case = dict(head_dim=16, rotary_dim=16, q_heads=4, kv_heads=2, batch=2, seq=5, precision="bf16", style="llama",
+                heads_first=True, form="transposed", with_k=True, cos_batch="batch", arbitrary=False, seed=0)
+    q, k, cos, sin = _inputs(case)
+    q_out, k_out = fused_rope(q, k, cos, sin, 16, "llama", 1)
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    if grad_layout == "contiguous":
+        dq, dk = dq.contiguous(), dk.contiguous()
+    seen = {}
+    q.register_hook(lambda g: seen.update(q=g.stride()))
+    k.register_hook(lambda g: seen.update(k=g.stride()))
+    torch.autograd.backward([q_out, k_out], [dq, dk])
+    assert seen == {"q": q.stride(), "k": k.stride()}
+
+
 def test_saves_only_cos_and_sin():
     """The backward needs nothing of q or k: it rotates the incoming gradients."""
     case = dict(head_dim=16, rotary_dim=16, q_heads=2, kv_heads=2, batch=1, seq=4, precision="fp32", style="llama",
@@ -215,9 +233,11 @@ def test_opcheck_rope(with_k, heads_first):
     torch.library.opcheck(torch.ops.slothc.rope.default, (q, k, c, s, 16, heads_first, torch.float16))
     dq = torch.randn(q.shape, device=DEVICE, dtype=torch.float32)
     dk = torch.randn(k.shape, device=DEVICE, dtype=torch.float32) if with_k else None
+    q_out = torch.ops.slothc.rope(q, k, c, s, 16, heads_first, None)
+    strides = [list(t.stride()) for t in q_out] + [None]
     torch.library.opcheck(
         torch.ops.slothc.rope_backward.default,
-        (dq, dk, c, s, 16, heads_first, q.dtype, k.dtype if with_k else None),
+        (dq, dk, c, s, 16, heads_first, q.dtype, k.dtype if with_k else None, strides[0], strides[1] if with_k else None),
     )
 
 
