@@ -23,6 +23,8 @@ Providers:
   Compiled providers return q and k from their graph, so AOTAutograd makes their gradients
   contiguous on the way in (a copy of dq and dk) when they come in SDPA's layout; in a model the
   attention is in the same graph and no such copy happens. The ``contiguous`` rows have none.
+- ``slothc_op``: ``torch.ops.slothc.rope`` called directly on the same views (no compile), as
+  Liger's function is: the kernel pair without a graph boundary in the way;
 - ``liger``: ``LigerRopeFunction`` (rotate_half and partial; it has no interleaved form). It
   rotates q and k in place, so it runs last: the inputs it overwrites are no one else's reference.
 
@@ -43,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _harness, and this checkout's slothc over any installed one
 
 OP = "rope"
-PROVIDERS = ("eager", "inductor", "slothc", "liger")  # liger last: it writes over its inputs
+PROVIDERS = ("eager", "inductor", "slothc", "slothc_op", "liger")  # liger last: it writes over its inputs
 FORMS = ("rotate_half", "partial", "interleaved")
 
 
@@ -117,6 +119,19 @@ def providers(names, form, heads, head_dim, fused_flag):
 
         return call
 
+    def slothc_op():
+        try:
+            import slothc.kernels.rope  # noqa: F401  registers torch.ops.slothc.rope
+        except Exception as e:  # noqa: BLE001
+            raise Skip(f"slothc rope op not available: {type(e).__name__}: {e}") from None
+        rotary_dim = head_dim // 2 if form == "partial" else head_dim
+
+        def call(xs, cos, sin):
+            q, k = split(xs)
+            return tuple(torch.ops.slothc.rope(q, k, cos.unsqueeze(1), sin.unsqueeze(1), rotary_dim, form == "interleaved", None))
+
+        return call
+
     def liger():
         if form == "interleaved":
             raise Skip("Liger-Kernel's RoPE has no interleaved form")
@@ -126,7 +141,7 @@ def providers(names, form, heads, head_dim, fused_flag):
             raise Skip(f"liger_kernel not importable: {type(e).__name__}: {e}") from None
         return lambda xs, cos, sin: LigerRopeFunction.apply(*split(xs), cos, sin)
 
-    table = {"eager": eager, "inductor": inductor, "slothc": slothc, "liger": liger}
+    table = {"eager": eager, "inductor": inductor, "slothc": slothc, "slothc_op": slothc_op, "liger": liger}
     order = ["eager"] + [n for n in PROVIDERS if n in names and n != "eager"]
     return {n: table[n] for n in order}
 
