@@ -120,15 +120,14 @@ def rope_layout(x_shapes, cos_shape, rotary_dim: int) -> RopeLayout | str:
     return RopeLayout((batch, seq, head), x4s[0][batch], x4s[0][seq])
 
 
-def _view4(t: torch.Tensor, dims: tuple) -> torch.Tensor:
-    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-    return t4.permute(*dims, 3)
-
-
-def _cos_view(cos: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
-    """cos as ``[B, S, rotary_dim]`` (stride 0 over a broadcast batch or seq)."""
-    c4 = _view4(cos, layout.dims)  # [b or 1, s or 1, 1, r]
-    return c4[:, :, 0, :].expand(layout.batch, layout.seq, c4.shape[-1])
+def _sizes_strides4(t: torch.Tensor, dims: tuple) -> tuple[tuple, tuple]:
+    """Sizes and strides of ``t`` read as ``[batch, seq, head, channel]`` (``dims`` order), in plain
+    ints, no view made (the launch is on every call's host path). A size-1 dim gets stride 0."""
+    pad = 4 - t.dim()
+    sizes, strides = (1,) * pad + tuple(t.shape), (0,) * pad + tuple(t.stride())
+    strides = tuple(0 if n == 1 else st for n, st in zip(sizes, strides))
+    order = (*dims, 3)
+    return tuple(sizes[i] for i in order), tuple(strides[i] for i in order)
 
 
 def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
@@ -310,10 +309,6 @@ def _rope_kernel(
         )
 
 
-def _strides4(t: torch.Tensor, layout: RopeLayout) -> tuple:
-    return tuple(_view4(t, layout.dims).stride())
-
-
 def rope_launch(
     xs: list,
     outs: list,
@@ -331,9 +326,12 @@ def rope_launch(
     n_positions = layout.batch * layout.seq
     if n_positions == 0 or q.numel() == 0 and (not has_k or k.numel() == 0):
         return
-    n_q_heads = _view4(q, layout.dims).shape[2]
-    n_k_heads = _view4(k, layout.dims).shape[2] if has_k else 0
-    cos3, sin3 = _cos_view(cos, layout), _cos_view(sin, layout)
+    dims = layout.dims
+    (_, _, n_q_heads, _), q_strides = _sizes_strides4(q, dims)
+    (_, _, n_k_heads, _), k_strides = _sizes_strides4(k, dims)
+    n_k_heads = n_k_heads if has_k else 0
+    # cos/sin [b or 1, s or 1, 1, r]: the batch and seq strides are 0 where they broadcast
+    cos_strides, sin_strides = (_sizes_strides4(t, dims)[1] for t in (cos, sin))
     block_half = next_power_of_2(rotary_dim // 2)
     tile = _TILE_INTERLEAVED if interleaved else _TILE
 
@@ -342,11 +340,12 @@ def rope_launch(
 
     with device_guard(q):
         _rope_kernel[(n_positions,)](
-            q, q_out, k, k_out, cos3, sin3,
+            q, q_out, k, k_out, cos, sin,
             layout.seq, n_q_heads, n_k_heads, q.shape[-1], rotary_dim,
-            *_strides4(q, layout), *_strides4(q_out, layout),
-            *_strides4(k, layout), *_strides4(k_out, layout),
-            *cos3.stride(), *sin3.stride(),
+            *q_strides, *_sizes_strides4(q_out, dims)[1],
+            *k_strides, *_sizes_strides4(k_out, dims)[1],
+            cos_strides[0], cos_strides[1], cos_strides[3],
+            sin_strides[0], sin_strides[1], sin_strides[3],
             HAS_K=has_k, INTERLEAVED=bool(interleaved), BACKWARD=bool(backward),
             BLOCK_HALF=block_half, BLOCK_HQ=block_h(n_q_heads), BLOCK_HK=block_h(max(n_k_heads, 1)),
             BLOCK_PASS=_PASS_BLOCK,
