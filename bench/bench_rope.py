@@ -19,7 +19,8 @@ Providers:
 - ``eager``: the HF function (the reference every other provider is checked against);
 - ``inductor``: ``torch.compile`` of it (default options);
 - ``slothc``: ``torch.compile(..., backend="slothc")`` of it: the rope pass rewrites q's and k's
-  rotations into one ``slothc::rope`` call (rows carry ``fused``: the report's count, 2 = q and k);
+  rotations into one ``slothc::rope`` call (rows carry ``fused``: the report's count, ``{"rope": 2}``
+  = q and k);
   Compiled providers return q and k from their graph, so AOTAutograd makes their gradients
   contiguous on the way in (a copy of dq and dk) when they come in SDPA's layout; in a model the
   attention is in the same graph and no such copy happens. The ``contiguous`` rows have none.
@@ -103,21 +104,9 @@ def providers(names, form, heads, head_dim, fused_flag):
         torch._dynamo.reset()
         return torch.compile(fn)
 
-    def slothc():
-        try:
-            import slothc as sc
-        except Exception as e:  # noqa: BLE001
-            raise Skip(f"slothc not importable: {type(e).__name__}: {e}") from None
-        torch._dynamo.reset()
-        report = sc.Report()
-        compiled = torch.compile(fn, backend="slothc", options={"report": report})
+    from bench_lora_linear import slothc_builder
 
-        def call(xs, cos, sin):
-            out = compiled(xs, cos, sin)
-            fused_flag["fused"] = report.count("rope")
-            return out
-
-        return call
+    slothc = slothc_builder(fn, fused_flag, "rope")
 
     def slothc_op():
         try:
@@ -204,8 +193,8 @@ def main(argv=None):
         for r in rows:
             if r["provider"] == "slothc":
                 r["fused"] = fused_flag.get("fused")
-                if r["status"] == "ok" and fused_flag.get("fused") != 2:
-                    print(f"WARNING: slothc fused {fused_flag.get('fused')} rotations of {form}, expected 2 (q and k)")
+                if r["status"] == "ok" and (fused_flag.get("fused") or {}).get("rope") != 2:
+                    print(f"WARNING: slothc fused {fused_flag.get('fused')} of {form}, expected rope: 2 (q and k)")
         _write(args.out, rows)
     H.finish(rec, f"{OP} ({args.dtype})", args.table)
     return rec.rows
