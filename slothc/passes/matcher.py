@@ -24,7 +24,7 @@ A :class:`Rule` ties a pattern to
   this fusion is about (nothing is recorded, the next rule is tried).
 - ``replacement(m: Match, **captures)``: called with the captures as ``torch.fx.Proxy`` objects
   (literals stay literals); whatever it computes is recorded into the graph in front of the matched
-  output, which is then rerouted to it. ``None`` makes a rule that only *reports* a known near-miss.
+  output, which is then rerouted to it. ``None`` makes a rule that only *reports* a known near-miss (its check: ``always(reason)``).
 - ``finish(m, out_node)`` (optional): runs after the reroute succeeded, for edits beyond the matched
   output (e.g. another use of a value the fusion no longer computes). ``m.state`` carries what the
   replacement decided; ``m.options`` are the backend options.
@@ -149,6 +149,15 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+
+def always(reason: str) -> Callable:
+    """The check of a report-only rule: every match is the near-miss ``reason``."""
+
+    def check(m) -> str:
+        return reason
+
+    return check
 
 
 # -- matching ----------------------------------------------------------------------------------------
@@ -357,11 +366,11 @@ def _rewrite(graph: Graph, m: Match, erased: set) -> str | None:
         if node in m.nodes and not node.users:
             graph.erase_node(node)
             erased.add(node)
-    _erase_dead_inputs([b for b in m.captures.values() if isinstance(b, Node)], graph, erased)
+    erase_dead_inputs([b for b in m.captures.values() if isinstance(b, Node)], graph, erased)
     return None
 
 
-def _erase_dead_inputs(nodes: list, graph: Graph, erased: set) -> None:
+def erase_dead_inputs(nodes: list, graph: Graph, erased: set) -> None:
     """Erase ``nodes`` that lost their last user, and then their inputs that did (pure calls only)."""
     work = list(nodes)
     while work:

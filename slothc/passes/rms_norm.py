@@ -23,7 +23,7 @@ import torch
 from torch.fx import Node
 
 import slothc.kernels.rms_norm  # noqa: F401  (registers torch.ops.slothc.rms_norm)
-from slothc.passes.matcher import Rule, RuleSet
+from slothc.passes.matcher import Rule, RuleSet, always
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -139,13 +139,6 @@ def _rms_norm_fp32_check(m) -> str | None:
     return _rms_norm_check(m)
 
 
-def _always(reason):
-    def check(m) -> str:
-        return reason
-
-    return check
-
-
 # Order matters: a more specific spelling before one it contains (gemma's ``offset + weight`` would
 # also pass as the weight of ``weight_then_cast``; the fused result would be the same, the label not).
 RULES = RuleSet(
@@ -155,7 +148,7 @@ RULES = RuleSet(
         Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),
         Rule("rms_norm", "fp32", _rms_norm_fp32_pattern, _rms_norm_fp32_replacement, _rms_norm_fp32_check),
-        Rule("rms_norm", "eps_after_rsqrt", _rms_norm_eps_after_rsqrt_pattern, None, _always(EPS_AFTER_RSQRT)),
-        Rule("rms_norm", "eps_after_sqrt", _rms_norm_eps_after_sqrt_pattern, None, _always(EPS_AFTER_SQRT)),
+        Rule("rms_norm", "eps_after_rsqrt", _rms_norm_eps_after_rsqrt_pattern, None, always(EPS_AFTER_RSQRT)),
+        Rule("rms_norm", "eps_after_sqrt", _rms_norm_eps_after_sqrt_pattern, None, always(EPS_AFTER_SQRT)),
     ]
 )

@@ -42,7 +42,7 @@ import torch
 from torch.fx import Graph, Node
 
 import slothc.kernels.rope as rope_kernels  # registers torch.ops.slothc.rope
-from slothc.passes.matcher import NOT_A_CANDIDATE, Rule, RuleSet, match
+from slothc.passes.matcher import NOT_A_CANDIDATE, Rule, RuleSet, erase_dead_inputs, always, match
 from slothc.passes.meta import propagate, val
 from slothc.report import module_path
 
@@ -197,13 +197,6 @@ def _replacement(rotation: str, precision: str):
     return replace
 
 
-def _always(reason):
-    def check(m) -> str:
-        return reason
-
-    return check
-
-
 # Partial spellings first (the rotation inside them is itself a match of a full one), then the
 # upcast ones (their inner expression is one too).
 RULES = RuleSet(
@@ -219,7 +212,7 @@ REPORT_ONLY = RuleSet(
         Rule("rope", "rotate_half", _rope_rotate_half_alone_pattern, None, _alone_check),
         Rule("rope", "rotate_half (sin negated)", _rope_rotate_half_flipped_alone_pattern, None, _alone_check),
         Rule("rope", "interleaved", _rope_interleaved_alone_pattern, None, _alone_check),
-        Rule("rope", "complex", _rope_complex_pattern, None, _always(COMPLEX_ROTATION)),
+        Rule("rope", "complex", _rope_complex_pattern, None, always(COMPLEX_ROTATION)),
     ]
 )
 
@@ -315,19 +308,8 @@ def _merge(graph: Graph, a: Node, b: Node, order: dict) -> bool:
             user.replace_all_uses_with(getter)
             graph.erase_node(user)
         graph.erase_node(node)
-    _erase_dead(b_tables, graph)
+    erase_dead_inputs(b_tables, graph, set())
     return True
-
-
-def _erase_dead(nodes: list, graph: Graph) -> None:
-    work = [n for n in nodes if isinstance(n, Node)]
-    while work:
-        node = work.pop()
-        if node.graph is not graph or node.users or node.op != "call_function" or node.target not in _SAME_VALUE_TARGETS:
-            continue
-        inputs = list(node.all_input_nodes)
-        graph.erase_node(node)
-        work.extend(inputs)
 
 
 def finish_graph(graph: Graph, report, graph_index: int = 0) -> None:
