@@ -176,9 +176,12 @@ def _scaled_b(lora_b, scaling, i, dtype):
     return (lora_b[i] * scaling[i]).to(dtype) if scaling[i] != 1.0 else lora_b[i].to(dtype)
 
 
-def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None):
+def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None,
+                    sum_dtype=None):
     """``([Y_p for each projection], T)``; ``T = Xa [A_1; A_2; ...]^T`` [N, sum r] in ``lora_dtype``,
-    ``Xa`` the adapters' input: ``xa`` if given (PEFT's dropout of x in training), else x."""
+    ``Xa`` the adapters' input: ``xa`` if given (PEFT's dropout of x in training), else x.
+    ``sum_dtype``: the dtype base and update are added in when the dtypes differ (default: their
+    promotion, as ``lora.Linear`` adds them; PEFT's 4-bit layer adds them in the output dtype)."""
     _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -212,7 +215,7 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
             else:
                 y = torch.nn.functional.linear(xb.reshape(*lead, k), w, bias_b)
                 if members:
-                    promoted = torch.promote_types(base_dtype, lora_dtype)
+                    promoted = sum_dtype or torch.promote_types(base_dtype, lora_dtype)
                     y = y.to(promoted) + (t_p @ b_p.t()).view(*lead, m).to(promoted)
                 y = y.to(out_dtype)
             outs.append(y)

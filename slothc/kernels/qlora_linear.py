@@ -1,0 +1,389 @@
+"""QLoRA linear: a bitsandbytes 4-bit (NF4/FP4) base weight, dequantised in Triton, plus LoRA.
+
+The quantised weight (bitsandbytes' ``Params4bit`` and its ``QuantState``) is read as the tensors
+bitsandbytes itself hands to its ops (``bitsandbytes::gemm_4bit`` / ``dequantize_4bit``):
+
+- ``packed``: uint8, two 4-bit codes a byte, any shape with ``ceil(n / 2)`` elements (bitsandbytes
+  keeps it as ``[n / 2, 1]``), for a weight of ``shape = (out, in)`` and ``n = out * in`` elements
+  numbered row-major. Element ``2i`` is the high nibble of byte ``i``, element ``2i + 1`` the low.
+- ``quant_type``: ``"nf4"`` or ``"fp4"``, which names the 16-entry code book (:data:`NF4_CODE`,
+  :data:`FP4_CODE`).
+- the block scales, one a ``blocksize`` elements (the last block may be partial):
+  ``absmax`` (fp32) or, double-quantised (``bnb_4bit_use_double_quant``), ``absmax_8bit`` (uint8
+  codes into ``absmax_code``, fp32 [256]) with ``absmax`` the fp32 scales of those codes, one a
+  ``nested_blocksize`` (256) block scales, and ``absmax_offset`` (fp32 scalar) added after.
+
+Dequantisation, exactly as bitsandbytes computes it (fp32 products, rounded once to the dtype)::
+
+    scale[j] = absmax[j]                                                       (plain)
+    scale[j] = absmax_code[absmax_8bit[j]] * absmax[j // nested_blocksize] + absmax_offset   (nested;
+               the product rounded before the sum: no fused multiply-add)
+    W[e]     = (code[nibble(e)] * scale[e // blocksize]).to(dtype)
+
+The Triton kernel does it in one pass over the packed bytes: each program reads a run of bytes,
+splits each into its two codes, looks both up (the 16-entry code book and the 256-entry absmax code
+book stay in cache), computes the block scale (nested or not) and writes the two values side by
+side. Bytes moved: ``n / 2`` read, ``n * itemsize`` written (the scales are ``1/blocksize`` of that).
+
+``slothc::qlora_linear`` is the LoRA linear of ``slothc/kernels/lora_linear.py`` with such a base:
+the forward dequantises ``W`` (to the base product's dtype), computes ``Y = X W^T + b + sum_i s_i
+(X A_i^T) B_i^T`` with the same matmul order and dtype rules as ``slothc::lora_linear``, and drops
+``W``; the backward dequantises ``W`` again for ``dX = dY W + ...`` (only when dX is needed). What
+is saved between them is the 4-bit weight itself (already resident), ``X`` and the small ``T``: the
+full-precision ``W`` never outlives one matmul.
+
+bitsandbytes' own backward (``MatMul4Bit``) dequantises to the ``QuantState``'s dtype and casts to
+the gradient's dtype; the op dequantises straight to the base dtype. The two agree bit for bit when
+the state's dtype is fp32 or the base dtype (a single rounding of the fp32 product either way); the
+pass checks it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, use_triton
+from slothc.kernels.lora_linear import _no_autocast, lora_linear_bwd, lora_linear_fwd
+
+# The 4-bit code books. NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1] (Dettmers et al.,
+# QLoRA, 2023), as fp32. FP4: bitsandbytes' e2m1 layout (sign bit 3), magnitudes
+# {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12. Tests check both against bitsandbytes' ``get_4bit_type``.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+QUANT_TYPES = ("nf4", "fp4")
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block of the double-quantised absmax
+
+_CODES: dict = {}
+
+
+def code_book(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The fp32 [16] code book of ``quant_type`` on ``device`` (cached)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"slothc: 4-bit quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+    key = (quant_type, str(device))
+    if key not in _CODES:
+        if quant_type == "nf4":
+            code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        else:
+            mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0
+            code = torch.cat([mags, -mags])
+            code[8] = 0.0  # bitsandbytes' code 8 is +0
+        _CODES[key] = code.to(device)
+    return _CODES[key]
+
+
+def _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize):
+    name = "slothc: 4-bit weight"
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{name}: quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+    if len(shape) != 2 or any(int(s) <= 0 for s in shape):
+        raise ValueError(f"{name}: shape {tuple(shape)} is not a positive (out_features, in_features)")
+    if blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"{name}: blocksize {blocksize} must be a positive even number (bitsandbytes uses 32 to 4096)")
+    n = int(shape[0]) * int(shape[1])
+    if packed.dtype != torch.uint8 or packed.numel() != cdiv(n, 2):
+        raise ValueError(
+            f"{name}: packed codes must be uint8 with ceil({n} / 2) = {cdiv(n, 2)} elements for shape {tuple(shape)}, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    n_blocks = cdiv(n, blocksize)
+    nested = absmax_8bit is not None
+    if nested != (absmax_code is not None) or nested != (absmax_offset is not None):
+        raise ValueError(f"{name}: absmax_8bit, absmax_code and absmax_offset are given together (double quantisation) or not at all")
+    if nested:
+        if absmax_8bit.dtype != torch.uint8 or absmax_8bit.numel() != n_blocks:
+            raise ValueError(f"{name}: absmax_8bit must be uint8 with {n_blocks} elements (one a block), got {absmax_8bit.dtype} with {absmax_8bit.numel()}")
+        if absmax_code.dtype != torch.float32 or absmax_code.numel() != 256:
+            raise ValueError(f"{name}: absmax_code must be fp32 with 256 elements, got {absmax_code.dtype} with {absmax_code.numel()}")
+        if absmax_offset.numel() != 1 or absmax_offset.dtype != torch.float32:
+            raise ValueError(f"{name}: absmax_offset must be one fp32 value, got {absmax_offset.dtype} with {absmax_offset.numel()}")
+        if nested_blocksize <= 0 or absmax.numel() != cdiv(n_blocks, nested_blocksize):
+            raise ValueError(
+                f"{name}: double-quantised absmax needs {cdiv(n_blocks, max(nested_blocksize, 1))} fp32 scales "
+                f"(one a {nested_blocksize} blocks), got {absmax.numel()}"
+            )
+    elif absmax.numel() != n_blocks:
+        raise ValueError(f"{name}: absmax must have {n_blocks} elements (one a {blocksize}-element block), got {absmax.numel()}")
+    if absmax.dtype != torch.float32:
+        raise ValueError(f"{name}: absmax must be fp32, got {absmax.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (the spec, and the CPU implementation)
+# --------------------------------------------------------------------------------------------
+
+
+def block_scales_reference(absmax, absmax_8bit, absmax_code, absmax_offset, nested_blocksize=NESTED_BLOCKSIZE):
+    """fp32 scale of every block: ``absmax``, or the double-quantised form decoded."""
+    if absmax_8bit is None:
+        return absmax.reshape(-1)
+    q = absmax_8bit.reshape(-1).long()
+    outer = absmax.reshape(-1).repeat_interleave(nested_blocksize)[: q.numel()]
+    return absmax_code.reshape(-1)[q] * outer + absmax_offset.reshape(())
+
+
+def dequantize_4bit_reference(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+                              nested_blocksize=NESTED_BLOCKSIZE):
+    """The dequantised ``[out, in]`` weight in ``dtype`` (plain torch, bitsandbytes' arithmetic)."""
+    n = int(shape[0]) * int(shape[1])
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
+    scales = block_scales_reference(absmax, absmax_8bit, absmax_code, absmax_offset, nested_blocksize)
+    values = code_book(quant_type, packed.device)[codes] * scales.repeat_interleave(blocksize)[:n]
+    return values.reshape(int(shape[0]), int(shape[1])).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+# Bytes a program: 2048 codes a program (4096 values), 4 warps. A power of two that divides every
+# blocksize / 2 is not needed: the scale is looked up per byte.
+_BLOCK_BYTES = 2048
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr,
+    n, n_bytes,
+    HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = byte < n_bytes
+    b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    block = byte // HALF_BLOCKSIZE  # both codes of a byte are in one block (blocksize is even)
+    if NESTED:
+        q = tl.load(absmax_8bit_ptr + block, mask=in_range, other=0).to(tl.int32)
+        outer = tl.load(absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        scale = tl.load(absmax_code_ptr + q) * outer
+        scale = scale + tl.load(absmax_offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    high = tl.load(code_ptr + (b >> 4)) * scale
+    low = tl.load(code_ptr + (b & 15)) * scale
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))  # element 2i: high nibble, 2i + 1: low
+    e = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    if OUT_BF16:
+        # Round to nearest even on the bits: what the GPU's cast does, and bit-exact in the Triton
+        # interpreter too (whose fp32 -> bf16 cast truncates).
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + e, out, mask=e < n)
+
+
+def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+                           nested_blocksize=NESTED_BLOCKSIZE, out=None):
+    """Run the Triton kernel; returns the ``[out, in]`` weight in ``dtype`` (or fills ``out``)."""
+    n = int(shape[0]) * int(shape[1])
+    if out is None:
+        out = torch.empty((int(shape[0]), int(shape[1])), dtype=dtype, device=packed.device)
+    n_bytes = cdiv(n, 2)
+    nested = absmax_8bit is not None
+    code = code_book(quant_type, packed.device)
+    with device_guard(packed):
+        _dequantize_4bit_kernel[(cdiv(n_bytes, _BLOCK_BYTES),)](
+            packed.reshape(-1), absmax.reshape(-1),
+            absmax_8bit.reshape(-1) if nested else absmax, absmax_code.reshape(-1) if nested else absmax,
+            absmax_offset.reshape(-1) if nested else absmax, code, out,
+            n, n_bytes,
+            HALF_BLOCKSIZE=blocksize // 2, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK_BYTES,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,  # bitsandbytes rounds the product before adding the offset
+        )
+    return out
+
+
+def dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+               nested_blocksize=NESTED_BLOCKSIZE):
+    """Dequantise with the Triton kernel where it runs (CUDA, or the interpreter), else the reference."""
+    _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"slothc: 4-bit weights dequantise to fp32, bf16 or fp16, not {dtype}")
+    if use_triton(packed):
+        return dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
+                                      dtype, nested_blocksize)
+    return dequantize_4bit_reference(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
+                                     dtype, nested_blocksize)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slothc::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_8bit: Optional[torch.Tensor],
+    absmax_code: Optional[torch.Tensor],
+    absmax_offset: Optional[torch.Tensor],
+    shape: Sequence[int],
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """The ``[out, in]`` weight of a bitsandbytes 4-bit tensor in ``dtype`` (module docstring)."""
+    return dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+                      nested_blocksize)
+
+
+@dequantize_4bit.register_fake
+def _dequantize_4bit_fake(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+                          nested_blocksize):
+    _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+    return packed.new_empty((int(shape[0]), int(shape[1])), dtype=dtype)
+
+
+def _weight(q, dtype):
+    packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize = q
+    return dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
+                      nested_blocksize)
+
+
+@torch.library.custom_op("slothc::qlora_linear", mutates_args=())
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_8bit: Optional[torch.Tensor],
+    absmax_code: Optional[torch.Tensor],
+    absmax_offset: Optional[torch.Tensor],
+    shape: Sequence[int],
+    blocksize: int,
+    quant_type: str,
+    bias: Optional[torch.Tensor],
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    xa: Optional[torch.Tensor],
+    nested_blocksize: int,
+) -> list[torch.Tensor]:
+    """``[Y, T]``: the projection's output and the saved low-rank product (as ``slothc::lora_linear``
+    with one projection whose weight is the dequantised 4-bit tensor; module docstring)."""
+    q = (packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+    with _no_autocast(x):
+        w = _weight(q, base_dtype)
+    # PEFT's 4-bit layer adds base and update in the output dtype (the base cast to it first).
+    outs, t = lora_linear_fwd(x, [w], [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, xa,
+                              sum_dtype=out_dtype)
+    del w  # the full-precision weight lives for this one matmul
+    return [outs[0], t]
+
+
+@qlora_linear.register_fake
+def _qlora_linear_fake(x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_a,
+                       lora_b, scaling, base_dtype, lora_dtype, out_dtype, xa, nested_blocksize):
+    _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+    if x.shape[-1] != int(shape[1]):
+        raise ValueError(f"slothc::qlora_linear: x has {x.shape[-1]} features, the 4-bit weight {tuple(shape)} expects {shape[1]}")
+    n = math.prod(x.shape[:-1])
+    r_total = sum(a.shape[0] for a in lora_a)
+    return [x.new_empty((*x.shape[:-1], int(shape[0])), dtype=out_dtype), x.new_empty((n, r_total), dtype=lora_dtype)]
+
+
+@torch.library.custom_op("slothc::qlora_linear_backward", mutates_args=())
+def qlora_linear_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_8bit: Optional[torch.Tensor],
+    absmax_code: Optional[torch.Tensor],
+    absmax_offset: Optional[torch.Tensor],
+    shape: Sequence[int],
+    blocksize: int,
+    quant_type: str,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    need_dx: bool,
+    split: bool,
+    need_dxa: bool,
+    x_dtype: Optional[torch.dtype],
+    nested_blocksize: int,
+) -> list[torch.Tensor]:
+    """``[dX, dXa, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_linear`` (``x``: the adapters' input).
+    ``W`` is dequantised again here, only when ``dX`` is asked for."""
+    q = (packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+    with _no_autocast(x):
+        w = _weight(q, base_dtype) if need_dx else packed.new_empty((int(shape[0]), int(shape[1])), dtype=base_dtype, device="meta")
+    dx, dxa, da, db = lora_linear_bwd([grad], x, t, [w], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype,
+                                      out_dtype, need_dx, split, need_dxa, x_dtype)
+    return [dx if dx is not None else x.new_empty(0), dxa if dxa is not None else x.new_empty(0), *da, *db]
+
+
+@qlora_linear_backward.register_fake
+def _qlora_linear_backward_fake(grad, x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
+                                lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype, need_dx, split, need_dxa,
+                                x_dtype, nested_blocksize):
+    dx = x.new_empty(x.shape, dtype=(x_dtype or x.dtype) if split else x.dtype) if need_dx else x.new_empty(0)
+    dxa = x.new_empty(x.shape) if split and need_dxa else x.new_empty(0)
+    return [dx, dxa, *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_a, lora_b, scaling,
+     base_dtype, lora_dtype, out_dtype, xa, nested_blocksize) = inputs
+    ctx.n_adapters = len(lora_a)
+    ctx.nested = absmax_8bit is not None
+    ctx.split, ctx.x_dtype = xa is not None, x.dtype
+    ctx.has_bias = bias is not None
+    state = [absmax_8bit, absmax_code, absmax_offset] if ctx.nested else []
+    # The 4-bit weight and its scales (already resident), the adapters' input and T; never W.
+    ctx.save_for_backward(xa if xa is not None else x, output[-1], packed, absmax, *state, *lora_a, *lora_b)
+    ctx.config = (list(shape), blocksize, quant_type, list(scaling), base_dtype, lora_dtype, out_dtype, nested_blocksize)
+
+
+def _backward(ctx, grads):
+    x, t, packed, absmax, *rest = ctx.saved_tensors
+    if ctx.nested:
+        absmax_8bit, absmax_code, absmax_offset, *rest = rest
+    else:
+        absmax_8bit = absmax_code = absmax_offset = None
+    lora_a, lora_b = rest[: ctx.n_adapters], rest[ctx.n_adapters :]
+    shape, blocksize, quant_type, scaling, base_dtype, lora_dtype, out_dtype, nested_blocksize = ctx.config
+    need_dx = ctx.needs_input_grad[0]
+    need_dxa = ctx.split and ctx.needs_input_grad[16]
+    grad = grads[0]
+    if grad is None:
+        grad = torch.zeros((*x.shape[:-1], shape[0]), dtype=out_dtype, device=x.device)
+    out = torch.ops.slothc.qlora_linear_backward(
+        grad, x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, list(lora_a),
+        list(lora_b), scaling, base_dtype, lora_dtype, out_dtype, need_dx, ctx.split, need_dxa, ctx.x_dtype, nested_blocksize,
+    )
+    dx = out[0] if need_dx else None
+    dxa = out[1] if need_dxa else None
+    da = list(out[2 : 2 + ctx.n_adapters])
+    db = list(out[2 + ctx.n_adapters :])
+    no_adapters = [] if not ctx.n_adapters else None  # an empty list input needs an empty list back
+    return (dx, None, None, None, None, None, None, None, None, None, da or no_adapters, db or no_adapters, no_adapters, None,
+            None, None, dxa, None)
+
+
+torch.library.register_autograd("slothc::qlora_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,408 @@
+"""slothc::dequantize_4bit and slothc::qlora_linear against bitsandbytes (and PEFT's 4-bit LoRA layer).
+
+The dequantisation must be *bit-exact*: every property compares the op (the Triton kernel on CUDA
+and in the interpreter, the torch reference otherwise) with bitsandbytes' own ``dequantize_4bit``
+with ``torch.equal``, over shapes, blocksizes, NF4/FP4, double-quantised absmax on and off, and the
+three output dtypes. On the CPU bitsandbytes' native kernel is only right when a row is a whole
+number of blocks (it scales a block that crosses a row with a neighbour's absmax: [48, 96] with
+blocksize 64 is wrong); other shapes are compared with bitsandbytes' torch implementation of the
+same formula (``backends.default.ops._dequantize_4bit_compute``), which is right for all.
+
+The QLoRA op is compared with the eager path: bitsandbytes' ``Linear4bit`` (its real forward and
+``MatMul4Bit`` backward) plus PEFT's ``lora.bnb.Linear4bit`` math, and with float64 on the exactly
+dequantised weight, forward and the gradients of x and every adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from slothc import testing
+from slothc.kernels import _launch
+from slothc.kernels import qlora_linear as qmod
+
+bnb = pytest.importorskip("bitsandbytes")
+BF = pytest.importorskip("bitsandbytes.functional")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+BLOCKSIZES = (64, 128, 256)
+
+
+def quantize(w, blocksize, quant_type, nested):
+    """bitsandbytes' quantisation of ``w``: (packed, QuantState)."""
+    return BF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+
+
+def state_args(packed, qs):
+    """The op's quantisation arguments, read off a QuantState as bitsandbytes' gemm_4bit reads them."""
+    if qs.nested:
+        return (packed, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
+    return (packed, qs.absmax, None, None, None)
+
+
+def bnb_torch_dequantize(packed, qs, dtype):
+    """bitsandbytes' torch implementation (right for every shape)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    code = BF.get_4bit_type(qs.quant_type, device=packed.device)
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax, code, qs.blocksize, qs.shape, torch.float32).to(dtype)
+
+
+def bnb_native_is_exact(shape, blocksize) -> bool:
+    return DEVICE.type == "cuda" or shape[1] % blocksize == 0
+
+
+def test_code_books_are_bitsandbytes():
+    for quant_type in ("nf4", "fp4"):
+        assert torch.equal(qmod.code_book(quant_type, torch.device("cpu")), BF.get_4bit_type(quant_type, device="cpu"))
+
+
+@st.composite
+def dequant_cases(draw):
+    scale = testing.size_scale()
+    blocksize = draw(st.sampled_from(BLOCKSIZES))
+    rows = draw(st.integers(1, min(scale.max_rows * 16, 300)))
+    # whole blocks a row (every real model), or any width
+    cols = draw(st.one_of(st.integers(1, 4).map(lambda b: b * blocksize), st.integers(1, min(scale.max_cols, 300))))
+    return dict(shape=(rows, cols), blocksize=blocksize, quant_type=draw(st.sampled_from(["nf4", "fp4"])),
+                nested=draw(st.booleans()), dtype=draw(testing.dtypes()), seed=draw(testing.seeds()),
+                scale=draw(st.sampled_from([1e-3, 0.05, 1.0, 300.0])))
+
+
+def _dequant_case(case):
+    w = testing.make_tensor(case["shape"], torch.float32, case["seed"], device=DEVICE, scale=case["scale"])
+    packed, qs = quantize(w, case["blocksize"], case["quant_type"], case["nested"])
+    out = torch.ops.slothc.dequantize_4bit(*state_args(packed, qs), list(case["shape"]), case["blocksize"], case["quant_type"],
+                                           case["dtype"], 256)
+    return packed, qs, out
+
+
+@given(case=dequant_cases())
+def test_dequantize_is_bit_exact_with_bitsandbytes(case):
+    packed, qs, out = _dequant_case(case)
+    assert out.dtype == case["dtype"] and tuple(out.shape) == case["shape"]
+    assert torch.equal(out, bnb_torch_dequantize(packed, qs, case["dtype"]))
+    if bnb_native_is_exact(case["shape"], case["blocksize"]):
+        assert torch.equal(out, BF.dequantize_4bit(packed, qs).to(torch.float32).to(case["dtype"]))
+        if case["dtype"] != torch.float32:  # bitsandbytes dequantising straight to the dtype
+            assert torch.equal(out, BF.dequantize_4bit(packed, qs, quant_type=case["quant_type"]).to(case["dtype"]))
+
+
+@given(case=dequant_cases())
+def test_kernel_and_reference_agree_bit_for_bit(case):
+    packed, qs, out = _dequant_case(case)
+    ref = qmod.dequantize_4bit_reference(*state_args(packed, qs), case["shape"], case["blocksize"], case["quant_type"],
+                                         case["dtype"])
+    assert torch.equal(out, ref)
+
+
+@given(
+    rows=st.integers(1, 40), cols=st.integers(1, 70), blocksize=st.sampled_from(BLOCKSIZES),
+    quant_type=st.sampled_from(["nf4", "fp4"]), nested=st.booleans(), dtype=testing.dtypes(), seed=testing.seeds(),
+)
+def test_arbitrary_bytes_and_scales(rows, cols, blocksize, quant_type, nested, dtype, seed):
+    """Any bytes, any scales (not only what quantisation produces): still bitsandbytes' formula."""
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, (-(-n // 2), 1), generator=g, dtype=torch.uint8)
+    if nested:
+        a8 = torch.randint(0, 256, (n_blocks,), generator=g, dtype=torch.uint8)
+        code2 = torch.randn(256, generator=g)
+        absmax = torch.rand(-(-n_blocks // 256), generator=g) * 10
+        offset = torch.randn((), generator=g)
+        scales = (code2[a8.long()] * absmax.repeat_interleave(256)[:n_blocks]) + offset
+        args = (packed, absmax, a8, code2, offset)
+    else:
+        scales = torch.randn(n_blocks, generator=g) * 3
+        args = (packed, scales, None, None, None)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    expected = _dequantize_4bit_compute(packed.reshape(-1), scales, BF.get_4bit_type(quant_type, device="cpu"), blocksize,
+                                        (rows, cols), torch.float32).to(dtype)
+    out = torch.ops.slothc.dequantize_4bit(*[a.to(DEVICE) if a is not None else None for a in args], [rows, cols], blocksize,
+                                           quant_type, dtype, 256)
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_nested_scale_is_rounded_before_the_offset():
+    """code2[q] * absmax + offset with the product rounded first (no fused multiply-add), as bitsandbytes."""
+    packed = torch.full((32, 1), 0xFF, dtype=torch.uint8, device=DEVICE)  # code 15: 1.0 in NF4
+    code2 = torch.zeros(256, device=DEVICE)
+    code2[0] = 1.0 + 2.0**-23  # the product's low bits matter
+    absmax = torch.tensor([1.0 + 2.0**-22], device=DEVICE)
+    offset = torch.tensor(-1.0, device=DEVICE)
+    a8 = torch.zeros(1, dtype=torch.uint8, device=DEVICE)
+    out = torch.ops.slothc.dequantize_4bit(packed, absmax, a8, code2, offset, [8, 8], 64, "nf4", torch.float32, 256)
+    expected = (code2[0] * absmax[0]) + offset  # two roundings
+    assert torch.equal(out, expected.expand(8, 8))
+
+
+# -- the QLoRA op ------------------------------------------------------------------------------------
+
+# How QLoRA runs hold their dtypes (compute dtype of the 4-bit layer, x, adapters, autocast):
+#   "bf16_model":          x bf16, compute bf16, fp32 adapters (PEFT's default), no autocast
+#   "bf16_model_adapters": x, compute and adapters in the half dtype, no autocast
+#   "fp32_model":          x fp32, compute in the half dtype, fp32 adapters, no autocast
+#   "autocast":            x and compute in the half dtype, fp32 adapters, under autocast (HF Trainer bf16=True)
+SETUPS = ("bf16_model", "bf16_model_adapters", "fp32_model", "autocast")
+
+
+def _setup_dtypes(setup, half):
+    """(x dtype, compute dtype, adapter dtype, autocast dtype or None)."""
+    return {
+        "bf16_model": (half, half, torch.float32, None),
+        "bf16_model_adapters": (half, half, half, None),
+        "fp32_model": (torch.float32, half, torch.float32, None),
+        "autocast": (half, half, torch.float32, half),
+    }[setup]
+
+
+def _op_dtypes(setup, half):
+    """(base, lora, out): what the pass reads off the graph for the set-up."""
+    x_dtype, compute, adapters, autocast = _setup_dtypes(setup, half)
+    lora = autocast or adapters
+    return compute, lora, x_dtype
+
+
+def _autocast(dtype):
+    return torch.autocast(DEVICE.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_layer(m, k, bias, compute, blocksize, quant_type, nested, seed, w_scale=None):
+    """A real bitsandbytes ``Linear4bit`` with random (quantised) weights."""
+    w = testing.make_tensor((m, k), torch.float32, seed, scale=w_scale or k**-0.5)
+    layer = bnb.nn.Linear4bit(k, m, bias=bias, compute_dtype=compute, compress_statistics=nested, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    if bias:
+        layer.bias = torch.nn.Parameter(testing.make_tensor((m,), torch.float32, seed + 1), requires_grad=False)
+    layer = layer.to(DEVICE)
+    layer.train()
+    return layer
+
+
+def layer_args(layer):
+    qs = layer.weight.quant_state
+    return (*state_args(layer.weight.data, qs), list(qs.shape), qs.blocksize, qs.quant_type)
+
+
+def peft_qlora(layer, x, adapters):
+    """``peft.tuners.lora.bnb.Linear4bit.forward``: the real 4-bit layer, ``.clone()``, then per adapter
+    ``x.to(A.dtype)``, ``lora_B(lora_A(x)) * scaling``, cast to the result's dtype unless autocast."""
+    result = layer(x).clone()
+    for lora_a, lora_b, scaling in adapters:
+        requires_conversion = not torch.is_autocast_enabled(x.device.type)
+        xa = x.to(lora_a.dtype) if x.dtype != lora_a.dtype else x
+        output = F.linear(F.linear(xa, lora_a), lora_b) * scaling
+        if requires_conversion:
+            output = output.to(result.dtype)
+        result = result + output
+    return result
+
+
+@st.composite
+def qlora_cases(draw):
+    scale = testing.size_scale()
+    blocksize = draw(st.sampled_from((64, 128)))
+    k = blocksize * draw(st.integers(1, 3))
+    m = draw(st.integers(1, min(scale.max_cols, 200)))
+    setup = draw(st.sampled_from(SETUPS))
+    half = draw(st.sampled_from((torch.bfloat16, torch.float16)))
+    if DEVICE.type == "cpu" and setup == "autocast":
+        half = torch.bfloat16  # CPU autocast is bf16 only
+    n_adapters = draw(st.integers(0, 2))
+    adapters = []
+    for _ in range(n_adapters):
+        r = draw(st.integers(1, 32))
+        alpha = draw(st.sampled_from([1, 8, 16, 32]))
+        adapters.append((r, draw(st.sampled_from([alpha / r, alpha / math.sqrt(r)]))))
+    rows = draw(st.integers(1, min(scale.max_rows * 8, 512)))
+    return dict(setup=setup, half=half, k=k, m=m, blocksize=blocksize, quant_type=draw(st.sampled_from(["nf4", "fp4"])),
+                nested=draw(st.booleans()), bias=draw(st.booleans()), adapters=adapters,
+                lead=draw(st.sampled_from([(rows,), (1, rows), (2, -(-rows // 2))])), need_dx=draw(st.booleans()),
+                seed=draw(testing.seeds()))
+
+
+def _qlora_make(case):
+    x_dtype, compute, a_dtype, _ = _setup_dtypes(case["setup"], case["half"])
+    layer = make_layer(case["m"], case["k"], case["bias"], compute, case["blocksize"], case["quant_type"], case["nested"], case["seed"])
+    x = testing.make_tensor((*case["lead"], case["k"]), x_dtype, case["seed"] + 2, device=DEVICE, requires_grad=case["need_dx"])
+    lora_a, lora_b = [], []
+    for i, (r, s) in enumerate(case["adapters"]):
+        lora_a.append(testing.make_tensor((r, case["k"]), a_dtype, case["seed"] + 10 + i, device=DEVICE, scale=case["k"] ** -0.5,
+                                          requires_grad=True))
+        lora_b.append(testing.make_tensor((case["m"], r), a_dtype, case["seed"] + 20 + i, device=DEVICE,
+                                          scale=r**-0.5 / max(1.0, s), requires_grad=True))
+    return layer, x, lora_a, lora_b
+
+
+def _qlora_fns(case, layer):
+    n = len(case["adapters"])
+    scaling = [s for _, s in case["adapters"]]
+    base, lora, out = _op_dtypes(case["setup"], case["half"])
+    autocast = _setup_dtypes(case["setup"], case["half"])[3]
+    q = layer_args(layer)
+    compute = layer.compute_dtype
+    bias = layer.bias.to(compute) if layer.bias is not None else None
+    w64 = qmod.dequantize_4bit_reference(*q[:5], q[5], q[6], q[7], torch.float32).double()
+
+    def fused(x, *params):
+        with _autocast(autocast):  # the op must not be recast by an ambient autocast
+            return torch.ops.slothc.qlora_linear(x, *q, bias, list(params[:n]), list(params[n:]), scaling, base, lora, out, None,
+                                                 256)[0]
+
+    def eager(x, *params):
+        with _autocast(autocast):
+            return peft_qlora(layer, x, list(zip(params[:n], params[n:], scaling)))
+
+    def ref(x, *params):  # float64 on the exactly dequantised weight
+        y = F.linear(x, w64, layer.bias.double() if layer.bias is not None else None)
+        for a, b, s in zip(params[:n], params[n:], scaling):
+            y = y + F.linear(F.linear(x, a), b) * s
+        return y
+
+    return fused, eager, ref
+
+
+@given(case=qlora_cases())
+def test_qlora_linear_matches_bitsandbytes_and_peft(case):
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    fused, eager, ref = _qlora_fns(case, layer)
+    testing.check_against_eager(fused, eager, x, *lora_a, *lora_b, ref_fn=ref, seed=case["seed"])
+
+
+@given(case=qlora_cases())
+def test_output_and_gradient_dtypes_are_eagers(case):
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    fused, eager, _ = _qlora_fns(case, layer)
+    f, e = fused(x, *lora_a, *lora_b), eager(x, *lora_a, *lora_b)
+    assert f.dtype == e.dtype and f.shape == e.shape
+    params = [p for p in (x, *lora_a, *lora_b) if p.requires_grad]
+    if params:
+        grads = torch.autograd.grad(f.float().sum(), params)
+        assert [g.dtype for g in grads] == [p.dtype for p in params]
+
+
+def _simple(setup="bf16_model", adapters=((4, 2.0),), need_dx=True, nested=True, bias=True, quant_type="nf4", m=40, k=128,
+            lead=(2, 3)):
+    return dict(setup=setup, half=torch.bfloat16, k=k, m=m, blocksize=64, quant_type=quant_type, nested=nested, bias=bias,
+                adapters=list(adapters), lead=lead, need_dx=need_dx, seed=3)
+
+
+def test_one_token_and_rank_64():
+    case = _simple(adapters=[(64, 0.25)], lead=(1,), k=192, m=65)
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    fused, eager, ref = _qlora_fns(case, layer)
+    testing.check_against_eager(fused, eager, x, *lora_a, *lora_b, ref_fn=ref)
+
+
+def test_backward_dequantises_again_and_saves_no_weight(monkeypatch):
+    """The forward dequantises once, the backward once more (only for dX); nothing of W's size is saved."""
+    case = _simple(need_dx=True)
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    fused, _, _ = _qlora_fns(case, layer)
+    calls = []
+    original = qmod.dequantize
+    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(a[8]) or original(*a, **k))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fused(x, *lora_a, *lora_b)
+    assert calls == [torch.bfloat16]
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= case["m"] * case["k"]], [t.shape for t in saved]
+    y.float().sum().backward()
+    assert calls == [torch.bfloat16, torch.bfloat16]
+    calls.clear()
+    case = _simple(need_dx=False)
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    fused, _, _ = _qlora_fns(case, layer)
+    fused(x, *lora_a, *lora_b).float().sum().backward()
+    assert calls == [torch.bfloat16]  # x needs no grad: no second dequantisation
+    assert all(p.grad is not None for p in (*lora_a, *lora_b))
+
+
+def _opcheck_args(setup="bf16_model", n_adapters=2, nested=True, bias=True):
+    case = _simple(setup=setup, adapters=[(4, 2.0), (3, 0.5)][:n_adapters], nested=nested, bias=bias)
+    layer, x, lora_a, lora_b = _qlora_make(case)
+    base, lora, out = _op_dtypes(setup, torch.bfloat16)
+    b = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
+    return layer, (x, *layer_args(layer), b, lora_a, lora_b, [2.0, 0.5][:n_adapters], base, lora, out, None, 256)
+
+
+@pytest.mark.parametrize("setup", ["bf16_model", "bf16_model_adapters", "fp32_model"])
+@pytest.mark.parametrize("n_adapters, nested, bias", [(2, True, True), (1, False, False), (0, True, False)])
+def test_opcheck(setup, n_adapters, nested, bias):
+    _, args = _opcheck_args(setup, n_adapters, nested, bias)
+    torch.library.opcheck(torch.ops.slothc.qlora_linear.default, args)
+    xa = (args[0] * 2.0).detach().requires_grad_()  # a separate adapters' input (dropout)
+    if n_adapters:
+        torch.library.opcheck(torch.ops.slothc.qlora_linear.default, (*args[:16], xa, 256))
+
+
+def test_opcheck_dequantize_and_backward_op():
+    layer, args = _opcheck_args()
+    q = layer_args(layer)
+    for dtype in FLOATS:
+        torch.library.opcheck(torch.ops.slothc.dequantize_4bit.default, (*q, dtype, 256))
+    x, *_ = args
+    y, t = torch.ops.slothc.qlora_linear(*args)
+    grad = torch.randn_like(y)
+    lora_a, lora_b = [a.detach() for a in args[10]], [b.detach() for b in args[11]]
+    for need_dx, split, need_dxa in ((True, False, False), (False, False, False), (True, True, True)):
+        torch.library.opcheck(
+            torch.ops.slothc.qlora_linear_backward.default,
+            (grad, x.detach(), t.detach(), *q, lora_a, lora_b, args[12], *args[13:16], need_dx, split, need_dxa, x.dtype, 256),
+        )
+
+
+@pytest.mark.parametrize(
+    "index, value, message",
+    [
+        (1, torch.zeros(7, dtype=torch.uint8), "packed codes must be uint8 with ceil"),
+        (2, torch.zeros(3), "double-quantised absmax needs"),
+        (3, None, "given together"),
+        (8, "int4", "quant_type 'int4'"),
+        (7, 63, "blocksize 63"),
+        (6, [40, 64], "packed codes must be uint8"),
+    ],
+    ids=["packed_size", "absmax_size", "partial_nested_state", "quant_type", "odd_blocksize", "shape"],
+)
+def test_bad_input_names_what_to_change(index, value, message):
+    _, args = _opcheck_args()
+    args = list(args)
+    args[index] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    with pytest.raises(ValueError, match=message):
+        torch.ops.slothc.qlora_linear(*args)
+
+
+def test_eager_function_is_peft():
+    """peft_qlora (the eager side of the properties) is PEFT's own lora.bnb.Linear4bit, run through peft."""
+    from peft import LoraConfig, get_peft_model
+
+    layer = make_layer(24, 128, True, torch.bfloat16, 64, "nf4", True, seed=5)
+    holder = torch.nn.Sequential(layer)
+    holder.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; PEFT picks its bnb layer by it
+    model = get_peft_model(holder, LoraConfig(r=3, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    wrapped = model.base_model.model[0]
+    assert type(wrapped).__module__.startswith("peft.tuners.lora.bnb")
+    x = torch.randn(5, 128, device=DEVICE, dtype=torch.bfloat16)
+    a, b = wrapped.lora_A["default"].weight, wrapped.lora_B["default"].weight
+    expected = peft_qlora(wrapped.base_layer, x, [(a, b, wrapped.scaling["default"])])
+    assert torch.equal(wrapped(x), expected)
+
+
+def test_reference_dequantisation_on_cpu_without_the_interpreter(monkeypatch):
+    """The CPU implementation (the torch reference) is bit-exact too, not only the kernel."""
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    w = torch.randn(48, 96) * 0.1
+    packed, qs = quantize(w, 64, "fp4", True)
+    out = torch.ops.slothc.dequantize_4bit(*state_args(packed, qs), [48, 96], 64, "fp4", torch.bfloat16, 256)
+    assert torch.equal(out, bnb_torch_dequantize(packed, qs, torch.bfloat16))
