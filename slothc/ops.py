@@ -17,10 +17,11 @@ import slothc.kernels.layer_norm  # noqa: F401  (registers slothc::layer_norm)
 import slothc.kernels.linear_cross_entropy  # noqa: F401  (registers slothc::linear_cross_entropy)
 import slothc.kernels.lora_linear  # noqa: F401  (registers slothc::lora_linear)
 import slothc.kernels.mlp  # noqa: F401  (registers slothc::mlp, slothc::mlp_act)
+import slothc.kernels.qlora_linear  # noqa: F401  (registers slothc::dequantize_4bit, slothc::qlora_linear)
 import slothc.kernels.rms_norm  # noqa: F401  (registers slothc::rms_norm)
 import slothc.kernels.rope  # noqa: F401  (registers slothc::rope)
 
-__all__ = ["rms_norm", "layer_norm", "rope", "linear_cross_entropy", "lora_linear", "mlp"]
+__all__ = ["rms_norm", "layer_norm", "rope", "linear_cross_entropy", "lora_linear", "qlora_linear", "dequantize_4bit", "mlp"]
 
 
 def rms_norm(
@@ -114,6 +115,41 @@ def lora_linear(
     outs = torch.ops.slothc.lora_linear(x, [weight], [bias], list(lora_a), list(lora_b), [float(s) for s in scaling],
                                         [0] * len(lora_a), dtype, dtype, dtype)
     return outs[0]
+
+
+def _quant_state_args(weight) -> tuple:
+    """The op's 4-bit arguments from a bitsandbytes ``Params4bit`` (its data and ``quant_state``)."""
+    qs = getattr(weight, "quant_state", None)
+    if qs is None:
+        raise ValueError("slothc: expected a bitsandbytes 4-bit weight (Params4bit with a quant_state); quantise the layer first")
+    if qs.nested:
+        state = (weight.data, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
+    else:
+        state = (weight.data, qs.absmax, None, None, None)
+    return (*state, [int(s) for s in qs.shape], int(qs.blocksize), qs.quant_type)
+
+
+def dequantize_4bit(weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The ``[out, in]`` weight of a bitsandbytes 4-bit ``Params4bit`` in ``dtype``, bit-exact with
+    bitsandbytes' ``dequantize_4bit`` (the Triton kernel on CUDA)."""
+    return torch.ops.slothc.dequantize_4bit(*_quant_state_args(weight), dtype, 256)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """:func:`lora_linear` with a bitsandbytes 4-bit base weight (``Params4bit``): W is dequantised in
+    the forward and again in the backward for dX, never kept. Computed in ``dtype`` (default x's)."""
+    dtype = dtype or x.dtype
+    return torch.ops.slothc.qlora_linear(x, *_quant_state_args(weight), bias, list(lora_a), list(lora_b),
+                                         [float(s) for s in scaling], dtype, dtype, dtype, None, 256)[0]
 
 
 def mlp(

@@ -31,11 +31,20 @@ def test_bad_options_raise_with_valid_choices(options, message):
         Options.from_dict(options)
 
 
-def test_unimplemented_fusion_cannot_be_enabled():
-    missing = next(f for f in FUSIONS if f not in IMPLEMENTED)
+def test_every_fusion_is_implemented_and_on_by_default():
+    assert set(IMPLEMENTED) == set(FUSIONS)
+    assert Options().enabled == Options.from_dict({}).enabled == frozenset(FUSIONS)
+
+
+def test_unimplemented_fusion_cannot_be_enabled(monkeypatch):
+    # every fusion ships now; the guard stays for reserved names of later versions
+    import slothc.options as options_module
+
+    missing = "qlora_linear"
+    monkeypatch.setattr(options_module, "IMPLEMENTED", tuple(f for f in FUSIONS if f != missing))
     with pytest.raises(ValueError, match="not available in this version"):
         Options.from_dict({missing: True})
-    assert Options.from_dict({missing: False}).enabled == frozenset(IMPLEMENTED)
+    assert missing not in Options.from_dict({missing: False}).enabled
 
 
 def test_bad_option_fails_at_compile_time_through_torch_compile():

@@ -1,11 +1,13 @@
 """Fusion passes: normalization, then one ordered rule set per fusion.
 
-``fusion_passes()`` is the ordered list of (fusion name, RuleSet, finish). It is built once, lazily
-(patterns are traced on first use, not at import time). Rule sets are applied in order; a later
-fusion sees the graph that earlier ones produced. ``finish(graph, report, graph_index)`` (or None)
-runs on each graph after its fusion's rules, for rewrites across sites: the rotations of q and k
-become one call; LoRA projections that share an input become one call; an MLP's activation is
-merged with its down projection (which the LoRA fusion rewrote first).
+``fusion_passes()`` is the ordered list of (fusion name, RuleSet, prepare, finish). It is built once,
+lazily (patterns are traced on first use, not at import time). Rule sets are applied in order; a
+later fusion sees the graph that earlier ones produced. ``prepare(graph, report, graph_index)`` (or
+None) runs on each graph before its fusion's rules: bitsandbytes' 4-bit matmuls are spelled as a
+dequantise-then-linear there. ``finish(graph, report, graph_index)`` (or None) runs on each graph
+after its fusion's rules, for rewrites across sites: the rotations of q and k become one call; LoRA
+projections that share an input become one call; an MLP's activation is merged with its down
+projection (which the LoRA fusion rewrote first).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from slothc.report import Report
 
 @functools.lru_cache(None)
 def fusion_passes() -> tuple:
-    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, rms_norm, rope
+    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, qlora_linear, rms_norm, rope
 
     return (
-        ("rms_norm", rms_norm.RULES, None),
-        ("layer_norm", layer_norm.RULES, None),
-        ("rope", rope.RULES, rope.finish_graph),
-        ("lora_linear", lora_linear.RULES, lora_linear.finish_graph),
-        ("mlp", mlp.RULES, mlp.finish_graph),
-        ("linear_cross_entropy", linear_cross_entropy.RULES, None),
+        ("rms_norm", rms_norm.RULES, None, None),
+        ("layer_norm", layer_norm.RULES, None, None),
+        ("rope", rope.RULES, None, rope.finish_graph),
+        # before lora_linear: its branch rule would report QLoRA's adapters as another LoRA form
+        ("qlora_linear", qlora_linear.RULES, qlora_linear.prepare, None),
+        ("lora_linear", lora_linear.RULES, None, lora_linear.finish_graph),
+        ("mlp", mlp.RULES, None, mlp.finish_graph),
+        ("linear_cross_entropy", linear_cross_entropy.RULES, None, None),
     )
 
 
@@ -39,8 +43,11 @@ def run(gm: torch.fx.GraphModule, opts: Options, report: Report, graph_index: in
     from slothc.passes.normalize import normalize
 
     normalize(gm)
-    for name, rules, finish in fusion_passes():
+    for name, rules, prepare, finish in fusion_passes():
         if name in opts.enabled:
+            if prepare is not None:
+                for graph in graphs(gm):  # lazily: the bodies a prepare step removed are not visited
+                    prepare(graph, report, graph_index)
             apply(gm, rules, report, graph_index=graph_index, options=opts)
             if finish is not None:
                 for graph in graphs(gm):

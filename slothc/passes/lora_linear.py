@@ -52,6 +52,7 @@ BASE_NOT_LINEAR = "the base layer is not a linear (e.g. transformers' Conv1D in 
 ON_EMBEDDING = "LoRA on an embedding"
 ON_CONVOLUTION = "LoRA on a convolution"
 INPUT_MISMATCH = "the adapters read another input than the base layer"
+BASE_4BIT = "the base layer is a bitsandbytes 4-bit linear (the qlora_linear fusion's; see its entry)"
 UNSUPPORTED_DTYPE = "dtype is not fp32, bf16 or fp16"
 UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
 SHAPES = "weight shapes do not form a LoRA linear"
@@ -206,9 +207,14 @@ def _lora_branch_check(m) -> str | None:
     if not (a.requires_grad or b.requires_grad) or not a.shape[0] < min(a.shape[1], b.shape[0]):
         return NOT_A_CANDIDATE
     # PEFT adds the branch to the base layer's output: name what that output was, if not a linear.
-    adds = [u for u in m.root.users if u.op == "call_function" and u.target is operator.add]
+    root = m.root
+    if len(root.users) == 1 and next(iter(root.users)).target is torch.Tensor.to:
+        root = next(iter(root.users))  # PEFT's 4-bit layer casts the update first
+    adds = [u for u in root.users if u.op == "call_function" and u.target is operator.add]
+    if len(adds) == 1 and any(_is_4bit_base(a) for a in adds[0].args if a is not root):
+        return BASE_4BIT
     if len(adds) == 1:
-        other = [a for a in adds[0].args if a is not m.root]
+        other = [a for a in adds[0].args if a is not root]
         if other and isinstance(other[0], Node) and other[0].target is not _LINEAR and not _is_op(other[0]):
             base = other[0]
             while base.target in ("view", "reshape", torch.Tensor.view, torch.Tensor.reshape, torch.reshape) and isinstance(base.args[0], Node):
@@ -216,6 +222,22 @@ def _lora_branch_check(m) -> str | None:
             if base.target in (torch.addmm, torch.matmul, operator.matmul, torch.mm, "addmm", "matmul"):
                 return BASE_NOT_LINEAR
     return NOT_PEFT_FORM
+
+
+def _is_4bit_base(node) -> bool:
+    """Whether ``node`` is (a cast or clone of) a bitsandbytes 4-bit matmul or slothc's rewrite of one."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in (
+        torch.Tensor.to, torch.Tensor.clone, operator.getitem, _LINEAR
+    ):
+        if node.target is _LINEAR:
+            w = node.args[1]
+            return isinstance(w, Node) and w.target is getattr(torch.ops.slothc, "dequantize_4bit").default
+        node = node.args[0]
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target is torch.ops.higher_order.autograd_function_apply:
+        return True  # bitsandbytes' MatMul4Bit (qlora_linear reports what it is if not)
+    return "bitsandbytes" in str(node.target)
 
 
 def _lora_embedding_check(m) -> str | None:

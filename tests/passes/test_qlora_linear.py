@@ -1,0 +1,246 @@
+"""The qlora_linear pattern: bitsandbytes' 4-bit layers (with PEFT's LoRA on top) as Dynamo captures them.
+
+Each case builds real ``bitsandbytes.nn.Linear4bit`` layers (quantised on the CPU), wraps them with
+PEFT as a 4-bit model is wrapped, captures the graph with Dynamo, runs the slothc passes and checks
+the report, the rewritten graph's targets (no bitsandbytes op left, no full-precision weight
+computed outside the op), and that it computes what eager does (forward and every gradient).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slothc.passes import lora_linear as lora_pass
+from slothc.passes import qlora_linear as qlora_pass
+from tests.passes._capture import capture, targets
+
+bnb = pytest.importorskip("bitsandbytes")
+
+QLORA_OP = torch.ops.slothc.qlora_linear.default
+BNB_OPS = (torch.ops.bitsandbytes.gemm_4bit.default, torch.ops.bitsandbytes.dequantize_4bit.default,
+           torch.ops.higher_order.autograd_function_apply)
+
+
+def linear4bit(k, m, bias=False, compute=torch.bfloat16, quant_type="nf4", nested=True, blocksize=64, seed=0):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(k, m, bias=bias, compute_dtype=compute, compress_statistics=nested, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(torch.randn(m, k) * k**-0.5, requires_grad=False, blocksize=blocksize,
+                                     compress_statistics=nested, quant_type=quant_type)
+    if bias:
+        # in the compute dtype: bitsandbytes casts another bias's .data in place on the first call,
+        # which Dynamo refuses (a graph break)
+        layer.bias = torch.nn.Parameter(torch.randn(m).to(compute), requires_grad=False)
+    return layer.to("cpu")
+
+
+class Block(torch.nn.Module):
+    """q/k-like 4-bit projections of one input, then an output projection (a 4-bit model's layer)."""
+
+    is_loaded_in_4bit = True  # transformers' flag on a 4-bit model: PEFT picks its bnb LoRA layer by it
+
+    def __init__(self, hidden=64, **kw):
+        super().__init__()
+        self.q = linear4bit(hidden, hidden, seed=1, **kw)
+        self.k = linear4bit(hidden, 32, seed=2, **kw)
+        self.o = linear4bit(hidden + 32, hidden, seed=3, **{**kw, "blocksize": 32} if (hidden + 32) % 64 else kw)
+
+    def forward(self, x):
+        return self.o(torch.cat([self.q(x), self.k(x)], dim=-1))
+
+
+def _peft(model=None, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = model or Block()
+    config = dict(r=4, lora_alpha=8, target_modules=["q", "k", "o"], init_lora_weights=False)
+    config.update(lora)
+    model = get_peft_model(model, LoraConfig(**config))
+    model.train()
+    return model
+
+
+def _run(model, x, options=None, autocast=None, seed=None):
+    """(report, rewritten graph): the output and every trainable gradient equal eager's."""
+    eager = copy.deepcopy(model)
+    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else (lambda: torch.autocast("cpu", enabled=False))
+    if seed is not None:
+        torch.manual_seed(seed)
+    with ctx():
+        report, graphs, out = capture(model, x, options=options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    x_eager = x.detach().clone().requires_grad_(x.requires_grad)
+    with ctx():
+        expected = eager(x_eager)
+    _close(out, expected, "output")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    if x.requires_grad:
+        _close(x.grad, x_eager.grad, "x")
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        if p.requires_grad:
+            _close(p.grad, q.grad, name)
+    return report, graphs[0]
+
+
+def _close(actual, expected, name):
+    # bf16 compute: 2% of the largest magnitude (the kernel tests bound the error against float64)
+    scale = expected.detach().abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * max(scale, 1.0), msg=name)
+
+
+def _short(module):
+    return module.rsplit(".", 1)[-1]
+
+
+def _no_bnb_left(gm):
+    assert not [t for t in targets(gm) if t in BNB_OPS], gm.code
+    assert torch.ops.slothc.dequantize_4bit.default not in targets(gm)  # dequantised inside the op only
+
+
+def test_every_4bit_lora_linear_fused_when_x_needs_grad():
+    """x needs a gradient: bitsandbytes' MatMul4Bit (an autograd function in the graph)."""
+    report, gm = _run(_peft(), torch.randn(2, 5, 64, requires_grad=True))
+    assert sorted(_short(m) for m in report.modules("qlora_linear")) == ["k", "o", "q"], str(report)
+    variants = {_short(s.module): s.variant for s in report.fused["qlora_linear"]}
+    assert variants["q"] == "nf4, double-quant, blocksize 64, peft"
+    assert variants["o"] == "nf4, double-quant, blocksize 32, peft"
+    assert targets(gm).count(QLORA_OP) == 3
+    _no_bnb_left(gm)
+    assert not report.skipped and not report.fused.get("lora_linear"), str(report)
+
+
+def test_direct_gemm_when_x_needs_no_grad():
+    """A frozen input (the first layer of a model with frozen embeddings): gemm_4bit is called directly."""
+    report, gm = _run(_peft(), torch.randn(3, 64))
+    assert report.count("qlora_linear") == 3 and not report.skipped, str(report)
+    _no_bnb_left(gm)
+
+
+@pytest.mark.parametrize("quant_type, nested", [("fp4", False), ("fp4", True), ("nf4", False)])
+def test_quant_types_and_plain_absmax(quant_type, nested):
+    report, gm = _run(_peft(Block(quant_type=quant_type, nested=nested)), torch.randn(2, 64, requires_grad=True))
+    assert report.count("qlora_linear") == 3, str(report)
+    assert all(s.variant.startswith(quant_type + (", double-quant" if nested else ", blocksize")) for s in report.fused["qlora_linear"])
+    _no_bnb_left(gm)
+
+
+def test_bias_two_adapters_and_rslora():
+    model = _peft(Block(bias=True), use_rslora=True, r=8, lora_alpha=16)
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q", "k", "o"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():  # set_adapter leaves only the active adapters trainable
+        p.requires_grad_("lora_" in name)
+    report, gm = _run(model, torch.randn(2, 64, requires_grad=True))
+    assert report.count("qlora_linear") == 3, str(report)
+    assert all(s.variant.endswith("peft (2 adapters)") for s in report.fused["qlora_linear"]), str(report)
+    call = next(n for n in gm.graph.nodes if n.target is QLORA_OP)
+    assert call.args[12] == [pytest.approx(16 / 8**0.5), pytest.approx(2.0)]  # rsLoRA on the first only
+    assert call.args[9] is not None  # the bias
+
+
+def test_autocast():
+    """Under autocast (bf16 model, bf16 compute dtype) PEFT does not cast the update."""
+    x = torch.randn(2, 64).bfloat16().requires_grad_()
+    report, gm = _run(_peft(), x, autocast=torch.bfloat16)
+    assert report.count("qlora_linear") == 3 and not report.skipped, str(report)
+    _no_bnb_left(gm)
+
+
+def test_dropout_in_training():
+    report, gm = _run(_peft(lora_dropout=0.25), torch.randn(2, 64, requires_grad=True), seed=7)
+    assert report.count("qlora_linear") == 3, str(report)
+    assert all(s.variant.endswith("peft, dropout") for s in report.fused["qlora_linear"])
+    assert F.dropout in targets(gm)  # torch's own dropout: eager's mask
+
+
+def test_4bit_linear_without_lora():
+    """A 4-bit layer PEFT does not target is fused alone (dequantised in the op, W not kept)."""
+    report, gm = _run(_peft(target_modules=["q"]), torch.randn(2, 64, requires_grad=True))
+    variants = sorted((_short(s.module), s.variant) for s in report.fused["qlora_linear"])
+    assert variants == [("k", "nf4, double-quant, blocksize 64, no LoRA"), ("o", "nf4, double-quant, blocksize 32, no LoRA"),
+                        ("q", "nf4, double-quant, blocksize 64, peft")], str(report)
+    _no_bnb_left(gm)
+
+
+def test_trainable_bias_is_skipped_and_computes_eagers():
+    model = _peft(Block(bias=True))
+    model.base_model.model.q.base_layer.bias.requires_grad_(True)
+    report, gm = _run(model, torch.randn(2, 64, requires_grad=True))
+    assert [(s.fusion, s.reason) for s in report.skipped] == [
+        ("qlora_linear", qlora_pass.TRAINABLE_BIAS), ("lora_linear", lora_pass.BASE_4BIT)
+    ], str(report)
+    assert report.skipped[0].module.endswith("q.base_layer") and report.skipped[1].module.endswith(".q")
+    assert sorted(_short(m) for m in report.modules("qlora_linear")) == ["k", "o"], str(report)
+
+
+def test_disabled_leaves_bitsandbytes_alone():
+    report, gm = _run(_peft(), torch.randn(2, 64, requires_grad=True), options={"qlora_linear": False})
+    assert not report.fused.get("qlora_linear")
+    assert [(s.fusion, s.reason) for s in report.skipped] == [("lora_linear", lora_pass.BASE_4BIT)] * 3, str(report)
+    assert torch.ops.higher_order.autograd_function_apply in targets(gm)
+
+
+def test_dequantize_then_linear_spelled_out():
+    """bitsandbytes' dequantize_4bit (double-quantised absmax decoded in the graph) read by a linear."""
+    layer = linear4bit(64, 48, seed=4)
+    qs = layer.weight.quant_state
+
+    def fn(x, packed, absmax8, code2, absmax2, offset):
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax8, absmax2, code2, 256, torch.float32)
+        absmax = absmax + offset
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, "nf4", [48, 64], torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), w).to(torch.float32)
+
+    args = (layer.weight.data, qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset)
+    x = torch.randn(3, 64)
+    report, graphs, out = capture(fn, x, *args)
+    assert [s.variant for s in report.fused["qlora_linear"]] == ["nf4, double-quant, blocksize 64, no LoRA"], str(report)
+    torch.testing.assert_close(out, fn(x, *args))
+    _no_bnb_left(graphs[0])
+
+
+class _StraightThrough(torch.autograd.Function):
+    """An autograd function around gemm_4bit whose backward is not the matmul's (a straight-through
+    estimator): not bitsandbytes' MatMul4Bit, so it is not rewritten."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax):
+        return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, [48, 64], absmax, 64, "nf4")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.sum(-1, keepdim=True).expand(*grad.shape[:-1], 64), None, None
+
+
+def test_other_autograd_function_is_reported_not_rewritten():
+    layer = linear4bit(64, 48, nested=False, seed=5)
+
+    def fn(x, packed, absmax):
+        return _StraightThrough.apply(x, packed, absmax)
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    report, graphs, out = capture(fn, x, layer.weight.data, layer.weight.quant_state.absmax)
+    assert [s.reason for s in report.skipped if s.fusion == "qlora_linear"] == [qlora_pass.NOT_MATMUL_4BIT], str(report)
+    assert not report.fused.get("qlora_linear")
+    assert torch.ops.higher_order.autograd_function_apply in targets(graphs[0])
+
+
+def test_direct_gemm_on_an_input_that_needs_grad_is_reported():
+    layer = linear4bit(64, 48, nested=False, seed=6)
+
+    def fn(x, packed, absmax):
+        return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, [48, 64], absmax, 64, "nf4")
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    report, graphs, _ = capture(fn, x, layer.weight.data, layer.weight.quant_state.absmax)
+    assert [s.reason for s in report.skipped] == [qlora_pass.DIRECT_GEMM_NEEDS_GRAD], str(report)
+    assert torch.ops.bitsandbytes.gemm_4bit.default in targets(graphs[0])
