@@ -15,13 +15,13 @@
 # there: PYTHONPATH carries the repository root.
 #
 # Limits in seconds, overridable: T_TOTAL, and per step T_INSTALL T_ENV T_TESTS T_RMS T_LN T_LCE
-# T_LORA T_MLP T_ROPE T_SUMMARY. SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths
+# T_LORA T_MLP T_ROPE T_QLORA T_SUMMARY. SLOTHC_SKIP_TESTS=1 skips the tests (a benchmark-only rerun). TEST_ARGS: pytest paths
 # and flags. BENCHES: which benchmarks run (default "rms_norm layer_norm linear_cross_entropy
-# lora_linear mlp rope"; the
+# lora_linear mlp rope qlora"; the
 # others are skipped and promised no time). BENCH_ARGS: extra flags for every bench (e.g. "--rep-ms
 # 50", or "--quick" for a dry run of this script on a CPU machine); LCE_ARGS: extra flags for the
 # linear_cross_entropy bench alone (e.g. "--tokens 8192 --providers eager slothc"); LORA_ARGS and
-# MLP_ARGS, ROPE_ARGS: the same for the lora_linear, mlp and rope benches.
+# MLP_ARGS, ROPE_ARGS, QLORA_ARGS: the same for the lora_linear, mlp, rope and qlora benches.
 
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
@@ -39,20 +39,23 @@ T_LCE=${T_LCE:-150}
 T_LORA=${T_LORA:-200}
 T_MLP=${T_MLP:-120}
 T_ROPE=${T_ROPE:-120}
+T_QLORA=${T_QLORA:-300}
 T_SUMMARY=${T_SUMMARY:-15}
 T_KILL=5  # grace between timeout's TERM and KILL
-BENCHES=${BENCHES:-rms_norm layer_norm linear_cross_entropy lora_linear mlp rope}
+BENCHES=${BENCHES:-rms_norm layer_norm linear_cross_entropy lora_linear mlp rope qlora}
 selected() { [[ " $BENCHES " == *" $1 "* ]]; }
 # A bench that is not selected is promised no time (nor its kill grace: K_*).
-K_RMS=$T_KILL K_LN=$T_KILL K_LCE=$T_KILL K_LORA=$T_KILL K_MLP=$T_KILL K_ROPE=$T_KILL
+K_RMS=$T_KILL K_LN=$T_KILL K_LCE=$T_KILL K_LORA=$T_KILL K_MLP=$T_KILL K_ROPE=$T_KILL K_QLORA=$T_KILL
 selected rms_norm || T_RMS=0 K_RMS=0
 selected layer_norm || T_LN=0 K_LN=0
 selected linear_cross_entropy || T_LCE=0 K_LCE=0
 selected lora_linear || T_LORA=0 K_LORA=0
 selected mlp || T_MLP=0 K_MLP=0
 selected rope || T_ROPE=0 K_ROPE=0
+selected qlora || T_QLORA=0 K_QLORA=0
 # What the benches after each one are promised (their limits and kill graces), and the summary.
-R_AFTER_ROPE=$((2 * T_SUMMARY))
+R_AFTER_QLORA=$((2 * T_SUMMARY))
+R_AFTER_ROPE=$((T_QLORA + K_QLORA + R_AFTER_QLORA))
 R_AFTER_MLP=$((T_ROPE + K_ROPE + R_AFTER_ROPE))
 R_AFTER_LORA=$((T_MLP + K_MLP + R_AFTER_MLP))
 R_AFTER_LCE=$((T_LORA + K_LORA + R_AFTER_LORA))
@@ -115,7 +118,7 @@ fi
 cat > /tmp/slothc_env.py <<'PY'
 import importlib.metadata as md, sys, torch
 print("python", sys.version.split()[0], sys.executable)
-for d in ("torch", "triton", "transformers", "peft", "accelerate", "liger-kernel", "hypothesis", "pytest", "sympy"):
+for d in ("torch", "triton", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes", "hypothesis", "pytest", "sympy"):
     try:
         print(f"{d:<13}", md.version(d))
     except md.PackageNotFoundError:
@@ -176,6 +179,8 @@ bench lora_linear "$T_LORA" "$R_AFTER_LORA" bench/bench_lora_linear.py ${BENCH_A
 bench mlp "$T_MLP" "$R_AFTER_MLP" bench/bench_mlp.py ${BENCH_ARGS:-} ${MLP_ARGS:-}
 # shellcheck disable=SC2086
 bench rope "$T_ROPE" "$R_AFTER_ROPE" bench/bench_rope.py ${BENCH_ARGS:-} ${ROPE_ARGS:-}
+# shellcheck disable=SC2086
+bench qlora "$T_QLORA" "$R_AFTER_QLORA" bench/bench_qlora.py ${BENCH_ARGS:-} ${QLORA_ARGS:-}
 
 # 5. Summary: Markdown for bench/results/, then a compact table last (the reply shows the tail).
 if [ -s "$OUT/bench.jsonl" ]; then
