@@ -16,7 +16,8 @@ Parts (``--parts``):
 - ``gemm``: where to dequantise, measured: the forward base product ``x W^T`` at 8192 tokens as
   ``bf16_matmul`` (cuBLAS on a resident bf16 W: the floor), ``dequant+cublas`` (the kernel above,
   then cuBLAS: what slothc::qlora_linear does) and ``fused_gemm_trial`` (a Triton GEMM that
-  dequantises each W tile as it loads it, never writing W; plain fp32 absmax, which favours it).
+  dequantises each W tile as it loads it, never writing W: the kernel's code-pair table, one scale a
+  tile row; plain fp32 absmax, which favours it; autotuned over four tile shapes).
 - ``linear``: one QLoRA linear, forward and backward: PEFT's ``lora.bnb.Linear4bit`` on a
   bitsandbytes ``Linear4bit`` (NF4, double quant, compute bf16), r=16, 8192 tokens, (in, out) =
   (4096, 4096), (4096, 14336); x bf16 requiring grad, fp32 adapters under bf16 autocast (PEFT's
@@ -112,14 +113,15 @@ def _fused_gemm_kernel():
     configs = [
         triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
 
     @triton.autotune(configs=configs, key=["M", "N", "K"])
     @triton.jit
-    def kernel(x_ptr, p_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
+    def kernel(x_ptr, p_ptr, absmax_ptr, pairs_ptr, y_ptr, M, N, K, BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        # BK == BLOCKSIZE: one absmax a tile row and k step
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         group = GROUP_M * num_n
@@ -133,11 +135,11 @@ def _fused_gemm_kernel():
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + tl.arange(0, BK))[None, :])
-            byte = rn[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + rb)[None, :]
-            b = tl.load(p_ptr + byte).to(tl.int32)
-            scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE)
-            hi = tl.load(code_ptr + (b >> 4)) * scale
-            lo = tl.load(code_ptr + (b & 15)) * scale
+            b = tl.load(p_ptr + rn[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + rb)[None, :]).to(tl.int32)
+            scale = tl.load(absmax_ptr + (rn.to(tl.int64) * K + k0) // BLOCKSIZE)
+            pair = tl.load(pairs_ptr + b)
+            hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
+            lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
             w = tl.reshape(tl.join(hi, lo), (BN, BK)).to(tl.bfloat16)
             acc += tl.dot(x, tl.trans(w))
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16))
@@ -145,14 +147,14 @@ def _fused_gemm_kernel():
     return kernel
 
 
-def fused_gemm(x, packed, absmax, code, n, blocksize, kernel):
+def fused_gemm(x, packed, absmax, pairs, n, blocksize, kernel):
     import torch
     import triton
 
     m, k = x.shape
     y = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    kernel[grid](x, packed, absmax, code, y, m, n, k, BLOCKSIZE=blocksize)
+    kernel[grid](x, packed, absmax, pairs, y, m, n, k, BLOCKSIZE=blocksize)
     return y
 
 
@@ -173,11 +175,11 @@ def bench_gemm(rec, device, quick, rep_ms):
         packed, qs = _quantize(w, nested=False)
         w_dq = qmod.dequantize(*_state(packed, qs), [n, k], 64, "nf4", torch.bfloat16)
         x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
-        code = qmod.code_book("nf4", x.device)
+        pairs = qmod.code_pairs("nf4", x.device)
         providers = {
             "bf16_matmul": lambda: F.linear(x, w_dq),
             "dequant+cublas": lambda: F.linear(x, qmod.dequantize(*_state(packed, qs), [n, k], 64, "nf4", torch.bfloat16)),
-            "fused_gemm_trial": lambda: fused_gemm(x, packed, qs.absmax, code, n, 64, kernel),
+            "fused_gemm_trial": lambda: fused_gemm(x, packed, qs.absmax, pairs, n, 64, kernel),
         }
         ref = providers["bf16_matmul"]()
         flops = 2 * tokens * k * n

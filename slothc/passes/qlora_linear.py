@@ -11,8 +11,9 @@ double-quantised parts, and the blocksize, shape and quant type as constants):
   absmax_code=, absmax_offset=)``: bitsandbytes >= 0.47 when x needs no gradient (the first layer
   of a model whose embeddings are frozen);
 - ``autograd_function_apply(fwd, bwd, ...)`` of bitsandbytes' ``MatMul4Bit`` when x needs a gradient:
-  its forward body is that ``gemm_4bit``, its backward dequantises W again (``dequantize_4bit``) and
-  multiplies (``dX = dY W``);
+  its forward body is that ``gemm_4bit`` (torch 2.11 also returns the packed weight's view from it,
+  torch 2.13 does not), its backward dequantises W again (``dequantize_4bit``) and multiplies
+  (``dX = dY W``), returning a gradient for x alone;
 - ``bitsandbytes::dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)`` (after a
   ``dequantize_blockwise`` of the double-quantised absmax plus its offset) read by a ``linear``:
   bitsandbytes' own fallback spelled out.
@@ -207,7 +208,10 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
     outs = output.args[0][0] if isinstance(output.args[0], (tuple, list)) and output.args[0] else None
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     reason = None
-    if len(calls) != 1 or len(outs) != 1 or outs[0] is not calls[0]:
+    # Its first output is the gemm's; torch 2.11 also returns the packed weight's view (an input, not
+    # a result: the outer graph reads output 0 only, checked below).
+    extra_ok = all(isinstance(o, Node) and _peel_views(o) in placeholders for o in outs[1:])
+    if len(calls) != 1 or not outs or outs[0] is not calls[0] or not extra_ok:
         reason = NOT_MATMUL_4BIT
     state = _state_from_gemm(_bound(calls[0], gemm), inputs) if reason is None else None
     if reason is None and state is None:
