@@ -20,10 +20,9 @@ Dequantisation, exactly as bitsandbytes computes it (fp32 products, rounded once
                the product rounded before the sum: no fused multiply-add)
     W[e]     = (code[nibble(e)] * scale[e // blocksize]).to(dtype)
 
-The Triton kernel does it in one pass over the packed bytes: each program reads whole blocks (a
-tile of blocks x blocksize/2 bytes), computes each block's scale once (nested or not), looks every
-byte up in a 256-entry table of code pairs (both nibbles' fp32 codes in one 8-byte load; the table
-and the 256-entry absmax code book stay in cache), multiplies and writes the two values side by
+The Triton kernel does it in one pass over the packed bytes: each program reads a run of bytes,
+splits each into its two codes, looks both up (the 16-entry code book and the 256-entry absmax code
+book stay in cache), computes the block scale (nested or not) and writes the two values side by
 side. Bytes moved: ``n / 2`` read, ``n * itemsize`` written (the scales are ``1/blocksize`` of that).
 
 ``slothc::qlora_linear`` is the LoRA linear of ``slothc/kernels/lora_linear.py`` with such a base:
@@ -48,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, next_power_of_2, use_triton
+from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, use_triton
 from slothc.kernels.lora_linear import _no_autocast, lora_linear_bwd, lora_linear_fwd
 
 # The 4-bit code books. NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1] (Dettmers et al.,
@@ -148,52 +147,37 @@ def dequantize_4bit_reference(packed, absmax, absmax_8bit, absmax_code, absmax_o
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 
-# Bytes a program: 2048 (4096 values), 4 warps. A program reads whole blocks: a tile of
-# [2048 / (blocksize / 2), blocksize / 2] bytes, one scale a tile row.
+# Bytes a program: 2048 (4096 values), 4 warps; the scale is looked up per byte (repeated addresses
+# in one block: cache hits). Measured on an H200 (bench/results/2026-12-01-h200-qlora.md, the sweep):
+# 1024-8192 bytes with 4 or 8 warps are within 5% of each other; a variant reading whole blocks
+# (one scale a block) and one reading both codes in one 8-byte table load were 5-25% slower.
 _BLOCK_BYTES = 2048
 _NUM_WARPS = 4
-
-_PAIRS: dict = {}
-
-
-def code_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
-    """int64 [256]: for every byte value, the fp32 bits of its high nibble's code (low 32 bits) and of
-    its low nibble's code (high 32 bits): one table load a byte instead of two."""
-    key = (quant_type, str(device))
-    if key not in _PAIRS:
-        bits = code_book(quant_type, torch.device("cpu")).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        v = torch.arange(256)
-        _PAIRS[key] = (bits[v >> 4] | (bits[v & 15] << 32)).to(device)
-    return _PAIRS[key]
 
 
 @triton.jit
 def _dequantize_4bit_kernel(
-    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, pairs_ptr, out_ptr,
-    n, n_bytes, n_blocks,
-    HALF_BLOCKSIZE: tl.constexpr, HALF_P: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, OUT_BF16: tl.constexpr,
+    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr,
+    n, n_bytes,
+    HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    block = pid * ROWS + tl.arange(0, ROWS)  # the quantisation blocks of this program
-    col = tl.arange(0, HALF_P)
-    byte = block[:, None] * HALF_BLOCKSIZE + col[None, :]
-    in_range = (col[None, :] < HALF_BLOCKSIZE) & (byte < n_bytes)
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = byte < n_bytes
     b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    has_block = block < n_blocks
+    block = byte // HALF_BLOCKSIZE  # both codes of a byte are in one block (blocksize is even)
     if NESTED:
-        q = tl.load(absmax_8bit_ptr + block, mask=has_block, other=0).to(tl.int32)
-        outer = tl.load(absmax_ptr + block // NESTED_BLOCKSIZE, mask=has_block, other=0.0)
+        q = tl.load(absmax_8bit_ptr + block, mask=in_range, other=0).to(tl.int32)
+        outer = tl.load(absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
         scale = tl.load(absmax_code_ptr + q) * outer
         scale = scale + tl.load(absmax_offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=has_block, other=0.0)
-    pair = tl.load(pairs_ptr + b)  # int64: code[high nibble] bits | code[low nibble] bits << 32
-    high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
-    low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * scale[:, None]
-    values = tl.reshape(tl.join(high, low), (ROWS, 2 * HALF_P))  # element 2i: high nibble, 2i + 1: low
-    j = tl.arange(0, 2 * HALF_P)
-    e = block[:, None] * (2 * HALF_BLOCKSIZE) + j[None, :]
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    high = tl.load(code_ptr + (b >> 4)) * scale
+    low = tl.load(code_ptr + (b & 15)) * scale
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))  # element 2i: high nibble, 2i + 1: low
+    e = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     if OUT_BF16:
         # Round to nearest even on the bits: what the GPU's cast does, and bit-exact in the Triton
         # interpreter too (whose fp32 -> bf16 cast truncates).
@@ -202,7 +186,7 @@ def _dequantize_4bit_kernel(
         out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = values.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + e, out, mask=(j[None, :] < 2 * HALF_BLOCKSIZE) & (e < n))
+    tl.store(out_ptr + e, out, mask=e < n)
 
 
 def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
@@ -212,19 +196,16 @@ def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offs
     if out is None:
         out = torch.empty((int(shape[0]), int(shape[1])), dtype=dtype, device=packed.device)
     n_bytes = cdiv(n, 2)
-    n_blocks = cdiv(n, blocksize)
     nested = absmax_8bit is not None
-    half = blocksize // 2
-    half_p = next_power_of_2(half)
-    rows = max(1, _BLOCK_BYTES // half_p)
+    code = code_book(quant_type, packed.device)
     with device_guard(packed):
-        _dequantize_4bit_kernel[(cdiv(n_blocks, rows),)](
+        _dequantize_4bit_kernel[(cdiv(n_bytes, _BLOCK_BYTES),)](
             packed.reshape(-1), absmax.reshape(-1),
             absmax_8bit.reshape(-1) if nested else absmax, absmax_code.reshape(-1) if nested else absmax,
-            absmax_offset.reshape(-1) if nested else absmax, code_pairs(quant_type, packed.device), out,
-            n, n_bytes, n_blocks,
-            HALF_BLOCKSIZE=half, HALF_P=half_p, ROWS=rows, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-            OUT_BF16=dtype == torch.bfloat16,
+            absmax_offset.reshape(-1) if nested else absmax, code, out,
+            n, n_bytes,
+            HALF_BLOCKSIZE=blocksize // 2, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK_BYTES,
             num_warps=_NUM_WARPS,
             enable_fp_fusion=False,  # bitsandbytes rounds the product before adding the offset
         )

@@ -223,7 +223,9 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
         bwd_dtype, reason = _matmul_4bit_backward(bwd, dequant, placeholders, calls[0])
     users = list(node.users)
     getters = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
-    if reason is None and len(getters) != len(users):
+    # torch 2.11 inside gradient checkpointing also reads output 1 (the packed weight's view), unused
+    dead = [u for u in users if u.target is operator.getitem and u.args[1] != 0 and not u.users]
+    if reason is None and len(getters) + len(dead) != len(users):
         reason = NOT_MATMUL_4BIT
     if reason is not None:
         return _skip(report, graph_index, node, reason)
@@ -233,6 +235,8 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
         return _skip(report, graph_index, node, UNSUPPORTED_QUANT)
     for g in getters:
         g.replace_all_uses_with(lin)
+        graph.erase_node(g)
+    for g in dead:
         graph.erase_node(g)
     bodies = [a for a in node.args[:2]]
     graph.erase_node(node)
