@@ -9,6 +9,7 @@ computed outside the op), and that it computes what eager does (forward and ever
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -244,3 +245,53 @@ def test_direct_gemm_on_an_input_that_needs_grad_is_reported():
     report, graphs, _ = capture(fn, x, layer.weight.data, layer.weight.quant_state.absmax)
     assert [s.reason for s in report.skipped] == [qlora_pass.DIRECT_GEMM_NEEDS_GRAD], str(report)
     assert torch.ops.bitsandbytes.gemm_4bit.default in targets(graphs[0])
+
+
+def _as_torch_2_11(gm):
+    """Rewrite a captured graph the way torch 2.11's Dynamo records MatMul4Bit: the forward body also
+    returns the packed weight's view, and (inside gradient checkpointing) the outer graph reads it
+    with a getitem nobody uses."""
+    apply_hop = torch.ops.higher_order.autograd_function_apply
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not apply_hop:
+            continue
+        fwd = getattr(gm, node.args[0].target)
+        (out,) = [n for n in fwd.graph.nodes if n.op == "output"]
+        (results, saved) = out.args[0]
+        view = next(n for n in fwd.graph.nodes if n.target in ("view", torch.Tensor.view))
+        out.args = (((*results, view), saved),)
+        fwd.recompile()
+        with gm.graph.inserting_after(node):
+            gm.graph.call_function(operator.getitem, (node, 1))
+        changed += 1
+    gm.recompile()
+    return changed
+
+
+def test_matmul4bit_as_torch_2_11_records_it():
+    from slothc import passes
+    from slothc.options import Options
+    from slothc.report import Report
+
+    model = _peft()
+    x = torch.randn(2, 64, requires_grad=True)
+    eager = copy.deepcopy(model)
+    report, seen = Report(), []
+
+    def backend(gm, example_inputs):
+        seen.append(_as_torch_2_11(gm))
+        passes.run(gm, Options.from_dict({"inner": "eager"}), report)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    assert seen == [3]
+    assert report.count("qlora_linear") == 3 and not report.skipped, str(report)
+    x_eager = x.detach().clone().requires_grad_()
+    expected = eager(x_eager)
+    _close(out, expected, "output")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    _close(x.grad, x_eager.grad, "x")
