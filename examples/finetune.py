@@ -4,6 +4,7 @@
     python examples/finetune.py --arch qwen3 --steps 50
     python examples/finetune.py --arch gemma2 --device cpu --steps 5
     python examples/finetune.py --trainer hf --logits drop   # transformers.Trainer, logits never built
+    python examples/finetune.py --load-in-4bit               # QLoRA: NF4 base weights (bitsandbytes)
 
 slothc is one line in ``train()``::
 
@@ -81,6 +82,8 @@ def parse_args(argv=None):
                    help="trl's SFTTrainer (default; its own chunked loss) or transformers' Trainer (the model's loss)")
     p.add_argument("--logits", choices=["keep", "drop"], default="keep",
                    help="slothc's logits option: drop = the model's loss never materialises the logits")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: load the model through BitsAndBytesConfig(load_in_4bit=True) (NF4, double quant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eager", action="store_true", help="train only through slothc")
     args = p.parse_args(argv)
@@ -94,6 +97,8 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, gpu_default if gpu else cpu_default)
     args.bf16 = gpu and torch.cuda.is_bf16_supported()
+    if args.load_in_4bit and args.hidden % 64:
+        p.error(f"--load-in-4bit: --hidden {args.hidden} must be a multiple of 64 (bitsandbytes' blocksize)")
     return args
 
 
@@ -144,13 +149,36 @@ def make_data(args):
 
 def make_model(args, tokenizer):
     """A random-weight model of ``args.arch`` with LoRA adapters on every linear layer."""
+    extra = {}
+    if args.load_in_4bit:
+        # every in_features a whole number of 64-element blocks, as in real checkpoints: bitsandbytes'
+        # CPU dequantisation (the eager run's) is wrong when a block crosses rows (688 = 10.75 x 64)
+        config = tiny_model(args.arch, layers=1, hidden=args.hidden, vocab=len(tokenizer)).config
+        extra["intermediate_size"] = -(-config.intermediate_size // 64) * 64
     model = tiny_model(
         args.arch, layers=args.layers, hidden=args.hidden, vocab=len(tokenizer), seed=args.seed,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
     )
+    if args.load_in_4bit:
+        model = quantize_4bit(model, args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         return add_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
+
+
+def quantize_4bit(model, args):
+    """The same weights as a QLoRA user loads them: saved, then read back by ``from_pretrained`` with
+    ``BitsAndBytesConfig(load_in_4bit=True)`` (NF4, double-quantised absmax, compute in bf16 on a GPU)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype, device_map={"": args.device})
 
 
 # --------------------------------------------------------------------------------------------------
