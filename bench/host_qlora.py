@@ -1,0 +1,48 @@
+"""Host cost of one call (tiny shapes, un-synchronised launch loops): the dequant launcher, the
+QLoRA op forward and backward, against bitsandbytes and PEFT's eager 4-bit LoRA layer.
+
+    python3 bench/host_qlora.py      # CUDA only; numbers in bench/results/2026-12-01-h200-qlora.md
+"""
+import sys, time, torch, triton
+sys.path[:0] = ["bench", "."]
+import bench_qlora as B
+from slothc.kernels import qlora_linear as Q
+import bitsandbytes.functional as BF
+torch.manual_seed(0)
+dev = "cuda"
+def host_us(fn, n=400):
+    for _ in range(20): fn()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): fn()
+    t1 = time.perf_counter(); torch.cuda.synchronize()
+    return (t1 - t) / n * 1e6
+w = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
+p, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+st = (p, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
+print("triton launch (enable_fp_fusion=False)", host_us(lambda: Q.dequantize_4bit_launch(*st, (64, 64), 64, "nf4", torch.bfloat16)))
+k = Q._dequantize_4bit_kernel
+out = torch.empty(64, 64, device=dev, dtype=torch.bfloat16)
+code = Q.code_book("nf4", p.device)
+def raw(fuse):
+    kw = dict(HALF_BLOCKSIZE=32, NESTED=True, NESTED_BLOCKSIZE=256, OUT_BF16=True, BLOCK=2048, num_warps=4)
+    if not fuse: kw["enable_fp_fusion"] = False
+    k[(1,)](p, st[1], st[2], st[3], st[4], code, out, 4096, 2048, **kw)
+print("raw launch with enable_fp_fusion=False", host_us(lambda: raw(False)))
+print("raw launch default options", host_us(lambda: raw(True)))
+print("bnb dequantize_4bit", host_us(lambda: BF.dequantize_4bit(p, qs)))
+print("torch empty", host_us(lambda: torch.empty(64, 64, device=dev)))
+x = torch.randn(8, 64, device=dev, dtype=torch.bfloat16)
+A = torch.randn(16, 64, device=dev); Bm = torch.randn(64, 16, device=dev)
+args = (x, *st, [64, 64], 64, "nf4", None, [A], [Bm], [2.0], torch.bfloat16, torch.bfloat16, torch.bfloat16, None, 256)
+with torch.no_grad():
+    print("qlora op fwd (no grad)", host_us(lambda: torch.ops.slothc.qlora_linear(*args)))
+    y, t = torch.ops.slothc.qlora_linear(*args)
+    g = torch.randn_like(y)
+    bargs = (g, x, t, *st, [64, 64], 64, "nf4", [A], [Bm], [2.0], torch.bfloat16, torch.bfloat16, torch.bfloat16, True, False, False, torch.bfloat16, 256)
+    print("qlora bwd op", host_us(lambda: torch.ops.slothc.qlora_linear_backward(*bargs)))
+    from slothc.kernels import lora_linear as L
+    print("lora_linear_fwd python only", host_us(lambda: L.lora_linear_fwd(x, [w], [None], [A], [Bm], [2.0], [0], torch.bfloat16, torch.bfloat16, torch.bfloat16)))
+layer = B.qlora_layer(64, 64, dev)
+xg = torch.randn(8, 64, device=dev, dtype=torch.bfloat16)
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    print("eager peft+bnb layer fwd (no grad)", host_us(lambda: layer(xg)))
