@@ -36,7 +36,6 @@ Parts (``--parts``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -427,6 +426,7 @@ def main(argv=None):
     p.add_argument("--step-budget-s", type=float, default=420.0, help="step: skip the remaining variants after this long")
     args = p.parse_args(argv)
     import _harness as H
+    from bench_lora_linear import _write
 
     device = args.device or H.default_device()
     if not H.is_cuda(device):
@@ -454,13 +454,6 @@ def main(argv=None):
             _write(args.out, rec.rows[n:])
     H.finish(rec, "qlora (NF4, double quant, blocksize 64)", args.table)
     return rec.rows
-
-
-def _write(path, rows):
-    if path:
-        with open(path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

@@ -406,3 +406,19 @@ def test_reference_dequantisation_on_cpu_without_the_interpreter(monkeypatch):
     packed, qs = quantize(w, 64, "fp4", True)
     out = torch.ops.slothc.dequantize_4bit(*state_args(packed, qs), [48, 96], 64, "fp4", torch.bfloat16, 256)
     assert torch.equal(out, bnb_torch_dequantize(packed, qs, torch.bfloat16))
+
+
+def test_public_wrappers_read_a_params4bit():
+    """slothc.ops.dequantize_4bit / qlora_linear take the bitsandbytes weight itself."""
+    from slothc import ops
+
+    layer = make_layer(40, 128, False, torch.bfloat16, 64, "fp4", True, seed=9)
+    qs = layer.weight.quant_state
+    assert torch.equal(ops.dequantize_4bit(layer.weight, torch.bfloat16), bnb_torch_dequantize(layer.weight.data, qs, torch.bfloat16))
+    x = torch.randn(3, 128, device=DEVICE, dtype=torch.bfloat16)
+    a = torch.randn(4, 128, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(40, 4, device=DEVICE, dtype=torch.bfloat16)
+    expected = torch.ops.slothc.qlora_linear(x, *layer_args(layer), None, [a], [b], [0.5], *(torch.bfloat16,) * 3, None, 256)[0]
+    assert torch.equal(ops.qlora_linear(x, layer.weight, [a], [b], [0.5]), expected)
+    with pytest.raises(ValueError, match="expected a bitsandbytes 4-bit weight"):
+        ops.qlora_linear(x, torch.randn(40, 128), [a], [b], [0.5])
