@@ -58,8 +58,11 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def device_guard(x: torch.Tensor):
-    """Make ``x``'s CUDA device current for a launch (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Make ``x``'s CUDA device current for a launch (Triton launches on the current device); a no-op
+    when it already is (the usual case: switching costs host time on every launch)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def next_power_of_2(n: int) -> int:

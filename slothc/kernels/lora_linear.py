@@ -205,7 +205,8 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
             if members:
                 cols = [slice(offsets[i], offsets[i + 1]) for i in members]
                 t_p = t[:, cols[0]] if len(members) == 1 else torch.cat([t[:, c] for c in cols], dim=1)
-                b_p = torch.cat([_scaled_b(lora_b, scaling, i, lora_dtype) for i in members], dim=1)
+                scaled = [_scaled_b(lora_b, scaling, i, lora_dtype) for i in members]
+                b_p = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)  # no copy for one adapter
             # Each output is allocated in its final shape, never a view (see _mm_plus_low_rank).
             bias_b = b.to(base_dtype) if b is not None else None
             if fused and members:
