@@ -37,9 +37,12 @@ still fused and the backward still does not keep W.
 
 Skipped, with the reason in the report: a trainable bias; the dequantised dtype or
 ``MatMul4Bit``'s backward dtype not fp32 or the base dtype (a double rounding the op does not
-reproduce); a compute-dtype cast followed by a different autocast cast; the adapter checks of the
-LoRA pass (dropout, scaling, shapes, dtypes); and ``gemm_4bit`` called directly on an input that
-needs a gradient (bitsandbytes' op has no backward: eager cannot train through it either).
+reproduce; the backward dtype is checked before the rewrite, so such a layer keeps bitsandbytes'
+autograd function); x cast to the compute dtype and then by autocast to another (the adapters are
+reported, the base linear is still fused, its input the cast); the adapter checks of the LoRA pass
+(dropout, scaling, shapes, dtypes: the base is still fused alone); and ``gemm_4bit`` called
+directly on an input that needs a gradient (bitsandbytes' op has no backward: eager cannot train
+through it either).
 """
 
 from __future__ import annotations
@@ -233,6 +236,13 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
     lin = _insert(graph, node, getters[0] if getters else node, state, x.dtype, bwd_dtype, "MatMul4Bit")
     if lin is None:
         return _skip(report, graph_index, node, UNSUPPORTED_QUANT)
+    if bwd_dtype not in (torch.float32, val(lin).dtype):
+        # decided here, not by the rules: a rewritten-but-unfused linear would back-propagate through
+        # a saved W in the base dtype, not through bitsandbytes' backward
+        dq = lin.args[1]
+        graph.erase_node(lin)
+        graph.erase_node(dq)
+        return _skip(report, graph_index, node, BACKWARD_DTYPE)
     for g in getters:
         g.replace_all_uses_with(lin)
         graph.erase_node(g)
@@ -367,29 +377,34 @@ def _base_linear(m) -> Node:
 
 
 def _check_base(m) -> str | None:
+    """The checks of the 4-bit base linear, each site reported once: a reason recorded at the outer
+    ``.to()`` is not recorded again for the ``linear`` inside it."""
     dq = _dequant_node(m)
-    if dq is None:
+    if dq is None or _base_linear(m).meta.get("slothc_qlora_reported"):
         return NOT_A_CANDIDATE
+    reason = _base_reason(m, dq)
+    if reason is not None and reason is not NOT_A_CANDIDATE:
+        _base_linear(m).meta["slothc_qlora_reported"] = True
+    return reason
+
+
+def _base_reason(m, dq) -> str | None:
     base = val(_base_linear(m)).dtype
     dq_dtype = dq.args[8]
     if dq_dtype not in (torch.float32, base):
         return DEQUANT_DTYPE
-    bwd = dq.meta.get("slothc_4bit", {}).get("bwd_dtype")
-    if bwd is not None and bwd not in (torch.float32, base):
-        return BACKWARD_DTYPE
     if base not in _FLOATS or m.out.dtype not in _FLOATS:
         return lora.UNSUPPORTED_DTYPE
-    if "compute_dtype" in m.captures:
-        x = m.val("x")
-        cd = m["compute_dtype"]
-        if cd not in (base, x.dtype):
-            return COMPUTE_CAST
-    bias = m.val("bias")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.requires_grad):
-        return TRAINABLE_BIAS
     x = m.val("x")
     if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
         return lora.UNSUPPORTED_DEVICE
+    if "compute_dtype" in m.captures and m["compute_dtype"] not in (base, x.dtype):
+        # x cast to one dtype, then by autocast to another: the linear alone (its x the cast) is
+        # what the op computes exactly; PEFT's rule reports the adapters it cannot take then
+        return COMPUTE_CAST if "lora_a" in m.captures else NOT_A_CANDIDATE
+    bias = m.val("bias")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.requires_grad):
+        return TRAINABLE_BIAS
     return None
 
 
@@ -440,7 +455,7 @@ def _variant(dq: Node, adapters: int, dropout: bool) -> str:
     return f"{dq.args[7]}{nested}, blocksize {dq.args[6]}, {lora_part}{', dropout' if dropout else ''}"
 
 
-def _call(m, x, weight_node, bias, lora_a, lora_b, scaling, base, lora_dtype, out, xa):
+def _call(x, weight_node, bias, lora_a, lora_b, scaling, base, lora_dtype, out, xa):
     packed, absmax, a8, code, offset, shape, blocksize, quant_type, _, nested = weight_node.args
     tracer = x.tracer  # one tracer for every operand of the call
 
@@ -456,7 +471,7 @@ def _peft_replacement(m, x, weight, bias, xa, xa2=None, **captures):
     names = lora._adapters(m)
     base = val(_base_linear(m)).dtype
     lora_dtype = val(lora._branch_node(m, names[0][1])).dtype
-    outs = _call(m, x, dq, bias, [captures[a] for _, a, _, _ in names], [captures[b] for _, _, b, _ in names],
+    outs = _call(x, dq, bias, [captures[a] for _, a, _, _ in names], [captures[b] for _, _, b, _ in names],
                  [float(captures[s]) for _, _, _, s in names], base, lora_dtype, m.out.dtype, xa if m.state.get("dropout") else None)
     m.state["variant"] = _variant(dq, len(names), m.state.get("dropout", False))
     return outs[0]
@@ -465,19 +480,13 @@ def _peft_replacement(m, x, weight, bias, xa, xa2=None, **captures):
 def _bare_replacement(m, x, weight, bias, **captures):
     dq = _dequant_node(m)
     base = val(_base_linear(m)).dtype
-    outs = _call(m, x, dq, bias, [], [], [], base, base, m.out.dtype, None)
+    outs = _call(x, dq, bias, [], [], [], base, base, m.out.dtype, None)
     m.state["variant"] = _variant(dq, 0, False)
     return outs[0]
 
 
-def _erase_unused_dequant(m, out_node):
-    dq = _dequant_node(m)
-    if dq is not None and not dq.users:
-        dq.graph.erase_node(dq)
-
-
 _PEFT_RULES = [
-    Rule("qlora_linear", "peft", _make_peft_pattern(n, cast), _peft_replacement, _check_peft, _erase_unused_dequant)
+    Rule("qlora_linear", "peft", _make_peft_pattern(n, cast), _peft_replacement, _check_peft)
     for n in (2, 1)
     for cast in (True, False)
 ]
@@ -485,7 +494,8 @@ _PEFT_RULES = [
 RULES = RuleSet(
     _PEFT_RULES
     + [
-        Rule("qlora_linear", "no LoRA", _base_pattern, _bare_replacement, _check_base, _erase_unused_dequant),
-        Rule("qlora_linear", "no LoRA", _plain_pattern, _bare_replacement, _check_base, _erase_unused_dequant),
+        # the dequantised weight the op replaces is erased by the matcher (a capture left unused)
+        Rule("qlora_linear", "no LoRA", _base_pattern, _bare_replacement, _check_base),
+        Rule("qlora_linear", "no LoRA", _plain_pattern, _bare_replacement, _check_base),
     ]
 )

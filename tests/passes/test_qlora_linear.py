@@ -295,3 +295,81 @@ def test_matmul4bit_as_torch_2_11_records_it():
     out.backward(grad)
     expected.backward(grad)
     _close(x.grad, x_eager.grad, "x")
+
+
+def _dequant_fn(dtype, offset=True, cast=None, out_dtype=None):
+    """linear(x, bitsandbytes' dequantize_4bit(...)) spelled out, as a graph may read it."""
+
+    def fn(x, packed, absmax8, code2, absmax2, off):
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax8, absmax2, code2, 256, torch.float32)
+        if offset:
+            absmax = absmax + off
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, "nf4", [48, 64], dtype)
+        y = F.linear(x.to(cast) if cast is not None else x, w)
+        return y.to(out_dtype) if out_dtype is not None else y
+
+    return fn
+
+
+def _dequant_args(seed=4):
+    layer = linear4bit(64, 48, seed=seed)
+    qs = layer.weight.quant_state
+    return (layer.weight.data, qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset)
+
+
+@pytest.mark.parametrize(
+    "fn, x_dtype, reason",
+    [
+        # dequantised to fp16, then autocast's bf16 linear: two roundings the op does not reproduce
+        (_dequant_fn(torch.float16), torch.float32, qlora_pass.DEQUANT_DTYPE),
+        # a double-quantised absmax without its offset: not bitsandbytes' state
+        (_dequant_fn(torch.bfloat16, offset=False), torch.bfloat16, qlora_pass.STATE_NOT_INPUT),
+    ],
+    ids=["dequant_dtype", "state_not_input"],
+)
+def test_dequantize_near_misses_are_reported_and_compute_eagers(fn, x_dtype, reason):
+    args = _dequant_args()
+    x = torch.randn(3, 64, dtype=x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report, graphs, out = capture(fn, x, *args)
+        expected = fn(x, *args)
+    assert [s.reason for s in report.skipped if s.fusion == "qlora_linear"] == [reason], str(report)
+    assert not report.fused.get("qlora_linear")
+    torch.testing.assert_close(out, expected)
+
+
+def test_backward_in_another_half_dtype_is_reported():
+    """A weight quantised from fp16 with a bf16 compute dtype: MatMul4Bit's backward dequantises to
+    fp16 and casts to bf16 (two roundings), which the op does not reproduce."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(48, 64).half() * 0.1, requires_grad=False, blocksize=64, compress_statistics=True,
+                                     quant_type="nf4")
+    layer = layer.to("cpu")
+    layer.train()
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    report, graphs, out = capture(layer, x)
+    assert [s.reason for s in report.skipped] == [qlora_pass.BACKWARD_DTYPE], str(report)
+    assert torch.ops.higher_order.autograd_function_apply in targets(graphs[0])  # bitsandbytes' own, kept
+    assert torch.ops.slothc.dequantize_4bit.default not in targets(graphs[0])
+    x_eager = x.detach().clone().requires_grad_()
+    expected = layer(x_eager)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=0, atol=0)
+
+
+def test_compute_cast_then_autocast_fuses_the_linear_of_the_cast():
+    """x cast to fp16, then autocast's bf16 linear: the op's x is the cast (it casts to bf16 as
+    autocast does), so the result is eager's to the bit."""
+    args = _dequant_args()
+    fn = _dequant_fn(torch.float32, cast=torch.float16, out_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report, graphs, out = capture(fn, x, *args)
+        expected = fn(x, *args)
+    assert [s.variant for s in report.fused["qlora_linear"]] == ["nf4, double-quant, blocksize 64, no LoRA"], str(report)
+    assert not report.skipped, str(report)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
