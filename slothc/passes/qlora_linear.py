@@ -18,6 +18,9 @@ double-quantised parts, and the blocksize, shape and quant type as constants):
   ``dequantize_blockwise`` of the double-quantised absmax plus its offset) read by a ``linear``:
   bitsandbytes' own fallback spelled out.
 
+(In eval mode with no gradient, bitsandbytes' CPU backend instead repacks the weight for its
+``gemv_4bit`` kernel inside the graph: that inference path is reported, not fused.)
+
 Each becomes ``linear(x, slothc::dequantize_4bit(...), bias)``: the same function (bitsandbytes'
 ``gemm_4bit`` is defined as dequantise-then-``linear``), in a form the patterns below read. The
 backward dtype of ``MatMul4Bit`` (what its ``dequantize_4bit`` produces before the cast to the
@@ -68,6 +71,7 @@ DEQUANT_DTYPE = "4-bit weight dequantised to a dtype that is neither fp32 nor th
 BACKWARD_DTYPE = "bitsandbytes' backward dequantises to a dtype that is neither fp32 nor the base dtype (double rounding)"
 COMPUTE_CAST = "input cast to the compute dtype and then by autocast to another"
 TRAINABLE_BIAS = "the 4-bit layer's bias is trainable (the fused op computes no db)"
+CPU_INFERENCE = "bitsandbytes' CPU inference path (gemv_4bit on weights repacked in eval mode): not a training step"
 
 _LINEAR = torch._C._nn.linear
 _DEQUANT = torch.ops.slothc.dequantize_4bit.default
@@ -156,6 +160,7 @@ def _skip(report, graph_index, node, reason):
 def prepare(graph: Graph, report, graph_index: int = 0) -> None:
     """Rewrite bitsandbytes' 4-bit matmuls into ``linear(x, slothc::dequantize_4bit(...), bias)``."""
     gemm, dequant, blockwise = _bnb_op("gemm_4bit"), _bnb_op("dequantize_4bit"), _bnb_op("dequantize_blockwise")
+    gemv = _bnb_op("gemv_4bit")
     if gemm is None:
         return
     apply_hop = torch.ops.higher_order.autograd_function_apply
@@ -171,6 +176,8 @@ def prepare(graph: Graph, report, graph_index: int = 0) -> None:
             continue
         if node.target is gemm:
             _rewrite_gemm(graph, node, gemm, report, graph_index)
+        elif node.target is gemv and gemv is not None:
+            _skip(report, graph_index, node, CPU_INFERENCE)  # model.eval() on the CPU: the layer repacks its weight
         elif node.target is apply_hop:
             _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index)
         elif node.target is dequant and dequant is not None:

@@ -373,3 +373,20 @@ def test_compute_cast_then_autocast_fuses_the_linear_of_the_cast():
     assert [s.variant for s in report.fused["qlora_linear"]] == ["nf4, double-quant, blocksize 64, no LoRA"], str(report)
     assert not report.skipped, str(report)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_cpu_inference_path_is_reported():
+    """model.eval() with no grad on a CPU with AVX512-BF16: bitsandbytes repacks the weight for its
+    gemv_4bit kernel in the graph; that is inference, reported and left alone."""
+    model = _peft()
+    model.eval()
+    if not model.base_model.model.q.base_layer.support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes' CPU inference path needs AVX512-BF16")
+    x = torch.randn(2, 64).bfloat16()
+    expected = copy.deepcopy(model)(x)
+    report, graphs, out = capture(model, x)
+    skipped = sorted((_short(s.module), s.reason) for s in report.skipped if s.fusion == "qlora_linear")
+    assert skipped == [("base_layer", qlora_pass.CPU_INFERENCE)] * 2, str(report)  # q and k: x needs no grad
+    # o reads q's and k's LoRA outputs, which need grad: bitsandbytes' MatMul4Bit, fused
+    assert report.modules("qlora_linear") == ["base_model.model.o"], str(report)
+    _close(out, expected, "output")
