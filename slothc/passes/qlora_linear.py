@@ -189,7 +189,8 @@ def _rewrite_gemm(graph, node, gemm, report, graph_index):
     x = val(state[0])
     if not _quant_ok(*state[6:9]):
         return _skip(report, graph_index, node, UNSUPPORTED_QUANT)
-    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+    out = val(node)
+    if isinstance(out, torch.Tensor) and out.requires_grad:  # x needs grad and the call is not under no_grad
         return _skip(report, graph_index, node, DIRECT_GEMM_NEEDS_GRAD)
     lin = _insert(graph, node, node, state, x.dtype, None, "gemm_4bit")
     if lin is None:

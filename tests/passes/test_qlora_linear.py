@@ -390,3 +390,20 @@ def test_cpu_inference_path_is_reported():
     # o reads q's and k's LoRA outputs, which need grad: bitsandbytes' MatMul4Bit, fused
     assert report.modules("qlora_linear") == ["base_model.model.o"], str(report)
     _close(out, expected, "output")
+
+
+def test_direct_gemm_under_no_grad_is_fused():
+    """Inside ``torch.no_grad()`` bitsandbytes calls gemm_4bit directly even on an input that needs
+    grad (a router, a scorer): no gradient flows there, so it is fused like any frozen input."""
+    layer = linear4bit(64, 48, nested=False, seed=7)
+
+    def fn(x):
+        with torch.no_grad():
+            y = layer(x.bfloat16())
+        return x * y.float().sum()
+
+    x = torch.randn(3, 64, requires_grad=True)
+    report, graphs, out = capture(fn, x)
+    assert [s.variant for s in report.fused["qlora_linear"]] == ["nf4, blocksize 64, no LoRA"], str(report)
+    assert not report.skipped, str(report)
+    torch.testing.assert_close(out, fn(x))
