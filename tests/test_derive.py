@@ -46,7 +46,9 @@ def test_derived_derivative_matches_autograd(name, values):
     a = ACTIVATIONS[name]
     with torch.no_grad():
         torch.testing.assert_close(a.act(x.detach()), eager_activation(name)(x.detach()), rtol=1e-12, atol=1e-300)
-        torch.testing.assert_close(a.act_derivative(x.detach()), expected, rtol=1e-10, atol=1e-300)
+        # atol 1e-200: where autograd's 1 - tanh(u)**2 is exactly 0 in float64 (|x| >~ 19 for GELU-tanh) the
+        # derived 4 sigmoid(2u) sigmoid(-2u) keeps the true ~1e-260 value
+        torch.testing.assert_close(a.act_derivative(x.detach()), expected, rtol=1e-10, atol=1e-200)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
