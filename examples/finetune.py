@@ -167,18 +167,11 @@ def make_model(args, tokenizer):
 
 
 def quantize_4bit(model, args):
-    """The same weights as a QLoRA user loads them: saved, then read back by ``from_pretrained`` with
-    ``BitsAndBytesConfig(load_in_4bit=True)`` (NF4, double-quantised absmax, compute in bf16 on a GPU)."""
-    import tempfile
+    """The same weights as a QLoRA user loads them (``slothc.tiny.load_in_4bit``: saved, then read back
+    with ``BitsAndBytesConfig(load_in_4bit=True)``, NF4, double-quantised absmax, compute in bf16 on a GPU)."""
+    from slothc.tiny import load_in_4bit
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    with tempfile.TemporaryDirectory() as path:
-        model.save_pretrained(path)
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype, device_map={"": args.device})
+    return load_in_4bit(model, torch.bfloat16 if args.bf16 else torch.float32, device=args.device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     slothc explain --arch llama                      # fusion report of a tiny random Llama with LoRA
     slothc explain --arch gemma2 --layers 1 --autocast bf16 --inner aot_eager
     slothc explain --arch qwen3 --option rms_norm=false
+    slothc explain --arch llama --load-in-4bit      # QLoRA: the linears quantised by bitsandbytes (NF4)
 
 Each subcommand is an ``argparse`` sub-parser plus one ``_<name>(args) -> int`` function, registered in
 ``COMMANDS``; ``main`` parses, dispatches and returns the exit status (0 ok, 1 the run failed, 2 bad
@@ -54,6 +55,8 @@ def _explain_parser(sub) -> None:
     p.add_argument("--inner", choices=INNER_COMPILERS, default="eager", help="compiler after the passes")
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint every decoder layer")
     p.add_argument("--no-lora", action="store_true", help="plain model, every weight trainable")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: load the model through BitsAndBytesConfig(load_in_4bit=True) (NF4, double quant; needs bitsandbytes)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +93,12 @@ def _explain(args, parser) -> int:
     except Exception as e:  # the architecture's config or model does not build at this size
         print(f"slothc explain: could not build a tiny {args.arch}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if args.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise _Usage("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+        model = tiny.load_in_4bit(model, getattr(torch, DTYPES[args.dtype]), device=device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not args.no_lora:
@@ -119,6 +128,8 @@ def _summary(args, report, device, seconds: float) -> str:
         setup.append(f"autocast {args.autocast}")
     if args.gradient_checkpointing:
         setup.append("checkpointed")
+    if args.load_in_4bit:
+        setup.append("4-bit")
     return (
         f"{args.arch} ({', '.join(setup)}): {total} site{'s' if total != 1 else ''} fused{detail}, "
         f"{len(report.skipped)} skipped, {report.graphs} graph{'s' if report.graphs != 1 else ''}, {seconds:.1f} s"

@@ -213,6 +213,24 @@ def add_lora(model, r: int = 8, alpha: int = 16, target_modules="all-linear", dr
     return get_peft_model(model, config)
 
 
+def load_in_4bit(model, compute_dtype: torch.dtype = torch.float32, device=None, quant_type: str = "nf4",
+                 double_quant: bool = True):
+    """``model`` as a QLoRA user loads a checkpoint: saved, then read back by ``from_pretrained`` with
+    ``BitsAndBytesConfig(load_in_4bit=True)`` (bitsandbytes quantises its linears; needs bitsandbytes).
+    The weights keep ``compute_dtype`` where they are not quantised."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with tempfile.TemporaryDirectory() as path, _quiet():
+        model.save_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=compute_dtype,
+                                                    device_map={"": device})
+
+
 def sample_batch(config, batch: int = 2, seq: int = 16, seed: int = 0, device=None) -> dict:
     """A random batch for a model of ``config``: ``input_ids``, ``attention_mask`` (all ones) and
     ``labels`` (the ids). Tokens are drawn from the vocabulary minus every special token id of the

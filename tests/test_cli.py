@@ -36,3 +36,12 @@ def test_a_subcommand_is_required(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+def test_explain_a_4bit_model(capsys):
+    pytest.importorskip("bitsandbytes")
+    assert main(["explain", "--arch", "llama", "--layers", "1", "--load-in-4bit"]) == 0
+    out = capsys.readouterr().out
+    assert "fused qlora_linear: 7 sites" in out, out
+    assert "[nf4, double-quant, blocksize 64, peft]" in out
+    assert "4-bit" in out.strip().splitlines()[-1]
