@@ -57,7 +57,9 @@ def _quantize(w, blocksize=64, quant_type="nf4", nested=True):
 
 
 def _state(packed, qs):
-    return (packed, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset) if qs.nested else (packed, qs.absmax, None, None, None)
+    from slothc.kernels.qlora_linear import state_tensors
+
+    return state_tensors(packed, qs)
 
 
 # -- dequant -----------------------------------------------------------------------------------------

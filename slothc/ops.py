@@ -122,10 +122,7 @@ def _quant_state_args(weight) -> tuple:
     qs = getattr(weight, "quant_state", None)
     if qs is None:
         raise ValueError("slothc: expected a bitsandbytes 4-bit weight (Params4bit with a quant_state); quantise the layer first")
-    if qs.nested:
-        state = (weight.data, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
-    else:
-        state = (weight.data, qs.absmax, None, None, None)
+    state = slothc.kernels.qlora_linear.state_tensors(weight.data, qs)
     return (*state, [int(s) for s in qs.shape], int(qs.blocksize), qs.quant_type)
 
 

@@ -82,6 +82,15 @@ def code_book(quant_type: str, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
+def state_tensors(packed: torch.Tensor, quant_state) -> tuple:
+    """``(packed, absmax, absmax_8bit, absmax_code, absmax_offset)`` of a bitsandbytes ``QuantState``,
+    as its ``gemm_4bit`` reads them (double-quantised: ``absmax`` is ``state2.absmax``)."""
+    qs = quant_state
+    if qs.nested:
+        return (packed, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
+    return (packed, qs.absmax, None, None, None)
+
+
 def _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize):
     name = "slothc: 4-bit weight"
     if quant_type not in QUANT_TYPES:

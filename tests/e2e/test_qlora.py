@@ -70,8 +70,8 @@ def _float64_reference(qmodel):
     for name, p in qmodel.named_parameters():
         if isinstance(p, bnb.nn.Params4bit):
             qs = p.quant_state
-            args = (qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset) if qs.nested else (qs.absmax, None, None, None)
-            state[name] = qmod.dequantize_4bit_reference(p.data, *args, qs.shape, qs.blocksize, qs.quant_type, torch.float32)
+            state[name] = qmod.dequantize_4bit_reference(*qmod.state_tensors(p.data, qs), qs.shape, qs.blocksize, qs.quant_type,
+                                                         torch.float32)
         else:
             state[name] = p.detach().float()
     missing, unexpected = ref.load_state_dict(state, strict=False)

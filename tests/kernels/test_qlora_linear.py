@@ -43,9 +43,7 @@ def quantize(w, blocksize, quant_type, nested):
 
 def state_args(packed, qs):
     """The op's quantisation arguments, read off a QuantState as bitsandbytes' gemm_4bit reads them."""
-    if qs.nested:
-        return (packed, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
-    return (packed, qs.absmax, None, None, None)
+    return qmod.state_tensors(packed, qs)
 
 
 def bnb_torch_dequantize(packed, qs, dtype):
