@@ -1,7 +1,8 @@
 """The ``slothc`` torch.compile backend.
 
-``torch.compile(model, backend="slothc", options={...})`` finds this function through the
-``torch_dynamo_backends`` entry point. For each FX graph Dynamo captures it runs
+``torch.compile(model, backend="slothc", options={...}, mode=...)`` finds this function through
+the ``torch_dynamo_backends`` entry point (``mode``: Inductor's, e.g. ``"reduce-overhead"`` for
+CUDA graphs; see :mod:`slothc.options`). For each FX graph Dynamo captures it runs
 
     normalize -> fusion passes -> report -> inner compiler (Inductor by default)
 
@@ -19,9 +20,10 @@ import torch
 from slothc.options import Options
 from slothc.report import Report, emit
 
-def slothc(gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None):
-    """Dynamo backend entry point: rewrite ``gm`` and hand it to the inner compiler."""
-    opts = Options.from_dict(options)
+def slothc(gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None, mode: str | None = None):
+    """Dynamo backend entry point: rewrite ``gm`` and hand it to the inner compiler. ``mode`` is
+    what ``torch.compile(..., mode=...)`` passes (the same as the ``"mode"`` option)."""
+    opts = Options.from_dict(_with_mode(options, mode))
     report = opts.collect if opts.collect is not None else Report()
     compiled = compile_graph(gm, example_inputs, opts, report)
     if opts.report:
@@ -35,7 +37,29 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
 
     passes.run(gm, opts, report, graph_index=report.graphs)
     report.graphs += 1
+    if opts.mode != "default":
+        import torch._inductor
+
+        patches = torch._inductor.list_mode_options(opts.mode)
+        note = f"mode {opts.mode}: Inductor options {patches}"
+        if patches.get("triton.cudagraphs"):
+            note += " (CUDA graphs: Inductor skips them for a graph that cannot be recorded and says why in the perf_hints log)"
+        if note not in report.notes:
+            report.notes.append(note)
+        return _inner(opts.inner)(gm, example_inputs, config_patches=patches)
     return _inner(opts.inner)(gm, example_inputs)
+
+
+def _with_mode(options, mode):
+    if mode is None:
+        return options
+    if isinstance(options, Options):
+        raise ValueError("slothc: an Options instance carries its own mode; give mode to torch.compile only with a dict of options")
+    merged = dict(options or {})
+    if merged.get("mode", mode) != mode:
+        raise ValueError(f"slothc: mode {mode!r} given to torch.compile and mode {merged['mode']!r} in the options; give one")
+    merged["mode"] = mode
+    return merged
 
 
 @functools.lru_cache(None)

@@ -12,6 +12,16 @@ Keys
 ``inner`` (str)
     The compiler that runs after the fusion passes: ``"inductor"`` (default), ``"aot_eager"`` or
     ``"eager"`` (the last two are for debugging).
+``mode`` (str)
+    Inductor's mode, as ``torch.compile(model, backend="slothc", mode=...)`` passes it (the keyword
+    and this key are the same setting; torch.compile takes ``mode`` or ``options``, not both, so
+    with other options give it here): ``"default"``, ``"reduce-overhead"`` (Inductor records CUDA
+    graphs of each compiled graph and replays them: the host cost of launching the kernels and ops,
+    slothc's included, is paid once at recording), ``"max-autotune"`` or
+    ``"max-autotune-no-cudagraphs"``. Only with ``inner="inductor"``. CUDA graphs keep their
+    inputs and outputs in static buffers: an output of one step is overwritten by the next (a
+    training loop that reads the loss before the next step is fine), and every new input shape is
+    recorded anew.
 ``logits`` (str)
     What a graph that computes the loss from the lm_head logits *and* returns them (every Hugging
     Face causal LM does) gives back as its logits. ``"keep"`` (default): the real logits; the fused
@@ -38,6 +48,7 @@ FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp
 IMPLEMENTED = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 LOGITS_MODES = ("keep", "drop")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Options:
     inner: str = "inductor"
     report: bool = False
     logits: str = "keep"
+    mode: str = "default"
     collect: Any = dataclasses.field(default=None, compare=False)  # a Report that every compiled graph records into (``report=Report()``)
 
     @classmethod
@@ -56,9 +68,9 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
-        valid_keys = (*FUSIONS, "inner", "logits", "report")
+        valid_keys = (*FUSIONS, "inner", "logits", "mode", "report")
         enabled = set(IMPLEMENTED)
-        inner, report, collect, logits = "inductor", False, None, "keep"
+        inner, report, collect, logits, mode = "inductor", False, None, "keep", "default"
         for key, value in options.items():
             if key in FUSIONS:
                 _expect_bool(key, value)
@@ -80,6 +92,14 @@ class Options:
                         f"slothc option 'logits' must be one of {', '.join(map(repr, LOGITS_MODES))}, got {value!r}"
                     )
                 logits = value
+            elif key == "mode":
+                if value is None:
+                    value = "default"
+                if value not in INDUCTOR_MODES:
+                    raise ValueError(
+                        f"slothc option 'mode' must be one of {', '.join(map(repr, INDUCTOR_MODES))} (Inductor's modes), got {value!r}"
+                    )
+                mode = value
             elif key == "report":
                 from slothc.report import Report
 
@@ -90,7 +110,12 @@ class Options:
                     report = value
             else:
                 raise ValueError(f"unknown slothc option {key!r}; valid options: {', '.join(valid_keys)}")
-        return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, collect=collect)
+        if mode != "default" and inner != "inductor":
+            raise ValueError(
+                f"slothc: mode {mode!r} is an Inductor mode and needs inner='inductor' (got inner={inner!r}); "
+                f"leave the mode out or use the Inductor inner compiler"
+            )
+        return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, mode=mode, collect=collect)
 
 
 def _expect_bool(key: str, value: Any) -> None:

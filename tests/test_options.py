@@ -23,6 +23,8 @@ def test_fusion_can_be_disabled():
         ({"inner": "tvm"}, "'inner' must be one of 'inductor', 'aot_eager', 'eager'"),
         ({"report": "yes"}, "'report' must be True or False"),
         ({"rms_norm": 1}, "'rms_norm' must be True or False"),
+        ({"mode": "fast"}, "'mode' must be one of 'default', 'reduce-overhead', 'max-autotune'"),
+        ({"mode": "reduce-overhead", "inner": "eager"}, "mode 'reduce-overhead' is an Inductor mode and needs inner='inductor'"),
         ("rms_norm", "options must be a dict"),
     ],
 )
@@ -78,3 +80,52 @@ def test_explain_report_renders_sites_and_skips():
     text = str(report)
     assert report.count("rms_norm") == 1 and len(report.skipped) == 1
     assert "fused rms_norm: 1 site" in text and "skipped: eps added after rsqrt" in text
+
+
+def _norm(x):
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def test_mode_reaches_inductor_as_its_config(monkeypatch):
+    # torch.compile(..., mode=...) passes the mode to the backend, which hands Inductor that mode's
+    # options (reduce-overhead: CUDA graphs) and notes it in the report.
+    import slothc.backend as backend
+
+    seen = []
+
+    def fake_inductor(gm, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return gm.forward
+
+    monkeypatch.setattr(backend, "_inner", lambda name: fake_inductor)
+    report = slothc.Report()
+    x = torch.randn(2, 8)
+    # torch.compile takes mode or options, not both: the "mode" key is the way to give both.
+    cases = (("reduce-overhead", None), (None, {"mode": "reduce-overhead", "report": report}),
+             (None, {"mode": "max-autotune-no-cudagraphs"}), (None, None))
+    for mode, options in cases:
+        torch._dynamo.reset()
+        out = torch.compile(_norm, backend="slothc", mode=mode, options=options)(x)
+        torch.testing.assert_close(out, _norm(x))
+    torch._dynamo.reset()
+    assert seen == [{"config_patches": {"triton.cudagraphs": True}}, {"config_patches": {"triton.cudagraphs": True}},
+                    {"config_patches": {"max_autotune": True, "coordinate_descent_tuning": True}}, {}]
+    assert report.count("rms_norm") == 1
+    assert any("mode reduce-overhead" in n and "CUDA graphs" in n for n in report.notes)
+
+
+def test_mode_given_twice_must_agree():
+    with pytest.raises(ValueError, match="mode 'reduce-overhead' given to torch.compile and mode 'max-autotune' in the options"):
+        slothc.backend.slothc(None, [], options={"mode": "max-autotune"}, mode="reduce-overhead")
+
+
+def test_reduce_overhead_on_cpu_compiles_and_matches():
+    # On the CPU Inductor records no CUDA graphs (it says so in its perf hints); the graph still runs fused.
+    report = slothc.Report()
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    out = torch.compile(_norm, backend="slothc", options={"mode": "reduce-overhead", "report": report})(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, _norm(x))
+    assert report.count("rms_norm") == 1
