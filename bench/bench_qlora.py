@@ -29,8 +29,11 @@ Parts (``--parts``):
   every linear but lm_head, AdamW on the adapters, batch 2 x 2048 tokens, bf16 autocast. One step =
   forward, backward, optimizer step. tokens/s over timed steps after warm-up, and the peak memory
   allocated during a step (``torch.cuda.max_memory_allocated``, model included). Providers
-  ``eager`` (bitsandbytes + PEFT as they are) and ``slothc``; with ``--checkpointing`` also both with
-  gradient checkpointing (non-reentrant), as QLoRA recipes run it.
+  ``eager`` (bitsandbytes + PEFT as they are), ``inductor`` (``torch.compile`` default),
+  ``slothc`` and ``slothc_cudagraphs`` (``backend="slothc"`` with ``mode="reduce-overhead"``:
+  Inductor records CUDA graphs of the forward and the backward); ``--step-providers`` picks
+  (default eager, slothc, slothc_cudagraphs). With ``--checkpointing`` each also with gradient
+  checkpointing (non-reentrant), as QLoRA recipes run it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ DEQUANT_SHAPES = ((4096, 4096), (14336, 4096), (128256, 4096))
 LINEAR_SHAPES = ((4096, 4096), (4096, 14336))
 TOKENS, RANK, ALPHA = 8192, 16, 32
 PARTS = ("dequant", "gemm", "linear", "step")
+STEP_PROVIDERS = ("eager", "inductor", "slothc", "slothc_cudagraphs")
 
 
 def _quantize(w, blocksize=64, quant_type="nf4", nested=True):
@@ -339,7 +343,7 @@ def quantized_model(config, device, seed=0):
     return model
 
 
-def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s):
+def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, providers=("eager", "slothc", "slothc_cudagraphs")):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -347,9 +351,7 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s):
 
     config = llama_8b_config(quick)
     batch, seq = (2, 64) if quick else (2, 2048)
-    variants = [("eager", False), ("slothc", False)]
-    if checkpointing:
-        variants += [("eager", True), ("slothc", True)]
+    variants = [(p, ckpt) for ckpt in ((False, True) if checkpointing else (False,)) for p in providers]
     start = time.time()
     for provider, ckpt in variants:
         if time.time() - start > budget_s:
@@ -366,21 +368,27 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s):
         opt = torch.optim.AdamW(params, lr=1e-4)
         report = None
         run = model
-        if provider == "slothc":
+        cudagraphs = provider == "slothc_cudagraphs"
+        if provider.startswith("slothc"):
             import slothc
 
             report = slothc.Report()
-            run = torch.compile(model, backend="slothc", options={"report": report})
+            mode = "reduce-overhead" if cudagraphs else "default"
+            run = torch.compile(model, backend="slothc", options={"report": report, "mode": mode})
+        elif provider == "inductor":
+            run = torch.compile(model)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
 
         def step():
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's outputs may be reused
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 loss = run(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
         try:
             t0 = time.time()
@@ -425,6 +433,7 @@ def main(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="step: also with gradient checkpointing")
     p.add_argument("--steps", type=int, default=None, help="step: timed steps (default 5; quick 2)")
     p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first (the first compiles)")
+    p.add_argument("--step-providers", nargs="+", default=["eager", "slothc", "slothc_cudagraphs"], choices=list(STEP_PROVIDERS))
     p.add_argument("--step-budget-s", type=float, default=420.0, help="step: skip the remaining variants after this long")
     args = p.parse_args(argv)
     import _harness as H
@@ -451,7 +460,7 @@ def main(argv=None):
             bench_linear(rec, device, args.quick, rep_ms, args.out)
         elif part == "step":
             bench_step(rec, device, args.quick, args.checkpointing, args.steps or (2 if args.quick else 5), args.warmup,
-                       args.step_budget_s)
+                       args.step_budget_s, args.step_providers)
         if part != "linear":
             _write(args.out, rec.rows[n:])
     H.finish(rec, "qlora (NF4, double quant, blocksize 64)", args.table)

@@ -46,3 +46,15 @@ layer = B.qlora_layer(64, 64, dev)
 xg = torch.randn(8, 64, device=dev, dtype=torch.bfloat16)
 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     print("eager peft+bnb layer fwd (no grad)", host_us(lambda: layer(xg)))
+
+# Where the op's host time goes: Python's profile of the forward and the backward (tottime, top 20).
+if "--profile" in sys.argv:
+    import cProfile, pstats
+    with torch.no_grad():
+        for name, fn in (("qlora op fwd", lambda: torch.ops.slothc.qlora_linear(*args)),
+                         ("qlora bwd op", lambda: torch.ops.slothc.qlora_linear_backward(*bargs))):
+            for _ in range(20): fn()
+            pr = cProfile.Profile(); pr.enable()
+            for _ in range(200): fn()
+            pr.disable(); torch.cuda.synchronize()
+            print(f"--- {name}: 200 calls"); pstats.Stats(pr).sort_stats("tottime").print_stats(20)
