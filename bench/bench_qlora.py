@@ -28,7 +28,10 @@ Parts (``--parts``):
   128256), random weights in bf16 quantised to NF4 + double quant by bitsandbytes, PEFT LoRA r=16 on
   every linear but lm_head, AdamW on the adapters, batch 2 x 2048 tokens, bf16 autocast. One step =
   forward, backward, optimizer step. tokens/s over timed steps after warm-up, and the peak memory
-  allocated during a step (``torch.cuda.max_memory_allocated``, model included). Providers
+  allocated during a step (``torch.cuda.max_memory_allocated``, model included), also over every
+  step with the first (``peak_all_steps_bytes``) and the most the allocator reserved
+  (``peak_reserved_bytes``): CUDA graphs keep their memory pool reserved, and a replay allocates
+  nothing, so for ``slothc_cudagraphs`` the timed steps' allocated peak leaves the pool out. Providers
   ``eager`` (bitsandbytes + PEFT as they are), ``inductor`` (``torch.compile`` default),
   ``slothc`` and ``slothc_cudagraphs`` (``backend="slothc"`` with ``mode="reduce-overhead"``:
   Inductor records CUDA graphs of the forward and the backward); ``--step-providers`` picks
@@ -391,27 +394,36 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
             return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
         try:
+            cuda = H.is_cuda(device)
+            torch.cuda.reset_peak_memory_stats() if cuda else None
             t0 = time.time()
             first = step().item()
             compile_s = time.time() - t0
             for _ in range(warmup - 1):
                 step()
             H.synchronize(device)
-            torch.cuda.reset_peak_memory_stats() if H.is_cuda(device) else None
+            # Over every step, the first (compile; CUDA graphs: their recording) included: a CUDA
+            # graph's memory pool is allocated while it is recorded and then held (reserved, not
+            # "allocated" during a replay), so the timed steps alone would not show it.
+            peak_all = torch.cuda.max_memory_allocated() if cuda else None
+            reserved = torch.cuda.max_memory_reserved() if cuda else None
+            torch.cuda.reset_peak_memory_stats() if cuda else None
             t0 = time.time()
             losses = [step() for _ in range(steps)]
             H.synchronize(device)
             dt = (time.time() - t0) / steps
-            peak = torch.cuda.max_memory_allocated() if H.is_cuda(device) else None
+            peak = torch.cuda.max_memory_allocated() if cuda else None
+            reserved = max(reserved, torch.cuda.max_memory_reserved()) if cuda else None
             fused = {k: report.count(k) for k in ("qlora_linear", "rms_norm", "rope", "mlp", "linear_cross_entropy")} if report else None
             skipped = [f"{s.fusion} {s.module}: {s.reason}" for s in report.skipped][:20] if report else None
             row = rec.add(op="qlora_step", provider=provider, mode="step", shape=(batch, seq), dtype=torch.bfloat16,
                           timing=H.Timing(dt * 1e3, dt * 1e3, dt * 1e3, "wall/steps"), tokens_per_s=batch * seq / dt, peak_mem_bytes=peak,
+                          peak_all_steps_bytes=peak_all, peak_reserved_bytes=reserved,
                           first_loss=first, last_loss=float(losses[-1]), first_step_s=compile_s, steps=steps,
                           gradient_checkpointing=ckpt, fused=fused, skipped=skipped, graphs=report.graphs if report else None,
                           model="llama-3.1-8b shape" if not quick else "tiny")
             print(f"[step {provider} ckpt={ckpt}] {dt * 1e3:.1f} ms/step {batch * seq / dt:.0f} tokens/s peak "
-                  f"{(peak or 0) / 2**30:.2f} GiB first step {compile_s:.1f} s loss {first:.4f} -> {float(losses[-1]):.4f} fused {fused}",
+                  f"{(peak or 0) / 2**30:.2f} GiB (all steps {(peak_all or 0) / 2**30:.2f}, reserved {(reserved or 0) / 2**30:.2f}) first step {compile_s:.1f} s loss {first:.4f} -> {float(losses[-1]):.4f} fused {fused}",
                   flush=True)
         except Exception as e:  # noqa: BLE001
             rec.add(op="qlora_step", provider=provider, mode="step", shape=(batch, seq), dtype=torch.bfloat16, status="error",

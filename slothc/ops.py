@@ -117,19 +117,20 @@ def lora_linear(
     return outs[0]
 
 
-def _quant_state_args(weight) -> tuple:
-    """The op's 4-bit arguments from a bitsandbytes ``Params4bit`` (its data and ``quant_state``)."""
+def _quant_state(weight):
     qs = getattr(weight, "quant_state", None)
     if qs is None:
         raise ValueError("slothc: expected a bitsandbytes 4-bit weight (Params4bit with a quant_state); quantise the layer first")
-    state = slothc.kernels.qlora_linear.state_tensors(weight.data, qs)
-    return (*state, [int(s) for s in qs.shape], int(qs.blocksize), qs.quant_type)
+    return qs
 
 
 def dequantize_4bit(weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The ``[out, in]`` weight of a bitsandbytes 4-bit ``Params4bit`` in ``dtype``, bit-exact with
     bitsandbytes' ``dequantize_4bit`` (the Triton kernel on CUDA)."""
-    return torch.ops.slothc.dequantize_4bit(*_quant_state_args(weight), dtype, 256)
+    qs = _quant_state(weight)
+    nested_blocksize = int(qs.state2.blocksize) if qs.nested else 256
+    return torch.ops.slothc.dequantize_4bit(*slothc.kernels.qlora_linear.state_tensors(weight.data, qs), [int(s) for s in qs.shape],
+                                            int(qs.blocksize), qs.quant_type, dtype, nested_blocksize)
 
 
 def qlora_linear(
@@ -145,8 +146,9 @@ def qlora_linear(
     """:func:`lora_linear` with a bitsandbytes 4-bit base weight (``Params4bit``): W is dequantised in
     the forward and again in the backward for dX, never kept. Computed in ``dtype`` (default x's)."""
     dtype = dtype or x.dtype
-    return torch.ops.slothc.qlora_linear(x, *_quant_state_args(weight), bias, list(lora_a), list(lora_b),
-                                         [float(s) for s in scaling], dtype, dtype, dtype, None, 256)[0]
+    (*state, nested_blocksize) = slothc.kernels.qlora_linear.op_state([(weight.data, _quant_state(weight))])
+    return torch.ops.slothc.qlora_linear(x, *state, [bias], list(lora_a), list(lora_b), [float(s) for s in scaling],
+                                         [0] * len(lora_a), dtype, dtype, dtype, None, nested_blocksize)[0]
 
 
 def mlp(

@@ -104,33 +104,35 @@ def _offsets(lora_a: Sequence[torch.Tensor]) -> list[int]:
     return offsets
 
 
-def _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa=None) -> None:
+def _check(x, weight_shapes, biases, lora_a, lora_b, scaling, adapter_proj, xa=None) -> None:
+    """``weight_shapes``: each projection's ``(out, in)`` (the weights themselves may not exist yet:
+    the QLoRA op dequantises them one at a time)."""
     if xa is not None and tuple(xa.shape) != tuple(x.shape):
         raise ValueError(f"slothc::lora_linear: xa has shape {tuple(xa.shape)}, expected x's {tuple(x.shape)}")
-    if len(weights) == 0:
+    if len(weight_shapes) == 0:
         raise ValueError("slothc::lora_linear needs at least one projection")
-    if len(biases) != len(weights):
-        raise ValueError(f"slothc::lora_linear: {len(biases)} biases for {len(weights)} projections (use None for none)")
+    if len(biases) != len(weight_shapes):
+        raise ValueError(f"slothc::lora_linear: {len(biases)} biases for {len(weight_shapes)} projections (use None for none)")
     if not len(lora_a) == len(lora_b) == len(scaling) == len(adapter_proj):
         raise ValueError(
             f"slothc::lora_linear: lora_a, lora_b, scaling and adapter_proj must have one entry per adapter, "
             f"got {len(lora_a)}, {len(lora_b)}, {len(scaling)}, {len(adapter_proj)}"
         )
     k = x.shape[-1]
-    for p, (w, b) in enumerate(zip(weights, biases)):
-        if w.dim() != 2 or w.shape[1] != k:
-            raise ValueError(f"slothc::lora_linear: weight {p} has shape {tuple(w.shape)}, expected (out, {k})")
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"slothc::lora_linear: bias {p} has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
-    groups = _groups(adapter_proj, len(weights))
+    for p, (w, b) in enumerate(zip(weight_shapes, biases)):
+        if len(w) != 2 or w[1] != k:
+            raise ValueError(f"slothc::lora_linear: weight {p} has shape {tuple(w)}, expected (out, {k})")
+        if b is not None and tuple(b.shape) != (w[0],):
+            raise ValueError(f"slothc::lora_linear: bias {p} has shape {tuple(b.shape)}, expected ({w[0]},)")
+    groups = _groups(adapter_proj, len(weight_shapes))
     for p, members in enumerate(groups):
         for i in members:
             a, b = lora_a[i], lora_b[i]
             if a.dim() != 2 or a.shape[1] != k:
                 raise ValueError(f"slothc::lora_linear: lora_a {i} has shape {tuple(a.shape)}, expected (r, {k})")
-            if tuple(b.shape) != (weights[p].shape[0], a.shape[0]):
+            if tuple(b.shape) != (weight_shapes[p][0], a.shape[0]):
                 raise ValueError(
-                    f"slothc::lora_linear: lora_b {i} has shape {tuple(b.shape)}, expected ({weights[p].shape[0]}, {a.shape[0]})"
+                    f"slothc::lora_linear: lora_b {i} has shape {tuple(b.shape)}, expected ({weight_shapes[p][0]}, {a.shape[0]})"
                 )
 
 
@@ -177,12 +179,17 @@ def _scaled_b(lora_b, scaling, i, dtype):
 
 
 def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None,
-                    sum_dtype=None):
+                    sum_dtype=None, check=True):
     """``([Y_p for each projection], T)``; ``T = Xa [A_1; A_2; ...]^T`` [N, sum r] in ``lora_dtype``,
     ``Xa`` the adapters' input: ``xa`` if given (PEFT's dropout of x in training), else x.
     ``sum_dtype``: the dtype base and update are added in when the dtypes differ (default: their
-    promotion, as ``lora.Linear`` adds them; PEFT's 4-bit layer adds them in the output dtype)."""
-    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa)
+    promotion, as ``lora.Linear`` adds them; PEFT's 4-bit layer adds them in the output dtype).
+
+    ``weights`` is read once per projection, in order (``weights[p]``): it may be a sequence that
+    makes each weight when asked (the QLoRA op dequantises there), so that one full-precision weight
+    is alive at a time; such a caller checks the shapes itself (``check=False``)."""
+    if check:
+        _check(x, [tuple(w.shape) for w in weights], biases, lora_a, lora_b, scaling, adapter_proj, xa)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     xa2 = xa.reshape(-1, k) if xa is not None else x2
@@ -262,7 +269,8 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
         dx = dxa = None
         wants_g_a = r_total and (need_dx and not split or split and need_dxa)
         a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if wants_g_a else None
-        projections = [(dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None]
+        # Lazily: each weight is read (made, for the QLoRA op) once, in the one loop below that runs.
+        projections = ((dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None)
         if split:
             if need_dxa:
                 dxa = (g_all @ a_all if r_total else x2.new_zeros((n, k), dtype=lora_dtype)).to(x.dtype).view(*lead, k)
@@ -334,7 +342,7 @@ def fake_outputs(x, weights, lora_a, lora_dtype, out_dtype) -> list[torch.Tensor
 
 @lora_linear.register_fake
 def _lora_linear_fake(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa=None):
-    _check(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, xa)
+    _check(x, [tuple(w.shape) for w in weights], biases, lora_a, lora_b, scaling, adapter_proj, xa)
     return fake_outputs(x, weights, lora_a, lora_dtype, out_dtype)
 
 

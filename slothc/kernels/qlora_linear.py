@@ -25,12 +25,15 @@ splits each into its two codes, looks both up (the 16-entry code book and the 25
 book stay in cache), computes the block scale (nested or not) and writes the two values side by
 side. Bytes moved: ``n / 2`` read, ``n * itemsize`` written (the scales are ``1/blocksize`` of that).
 
-``slothc::qlora_linear`` is the LoRA linear of ``slothc/kernels/lora_linear.py`` with such a base:
+``slothc::qlora_linear`` is the LoRA linear of ``slothc/kernels/lora_linear.py`` with such bases:
 the forward dequantises ``W`` (to the base product's dtype), computes ``Y = X W^T + b + sum_i s_i
 (X A_i^T) B_i^T`` with the same matmul order and dtype rules as ``slothc::lora_linear``, and drops
 ``W``; the backward dequantises ``W`` again for ``dX = dY W + ...`` (only when dX is needed). What
 is saved between them is the 4-bit weight itself (already resident), ``X`` and the small ``T``: the
-full-precision ``W`` never outlives one matmul.
+full-precision ``W`` never outlives one matmul. Like ``slothc::lora_linear``, one call may hold
+several projections of one input (q/k/v, gate/up): their adapters' down-projections are one matmul,
+their ``dX`` terms one accumulated buffer, and one call's fixed host cost is paid once for all of
+them; their weights are dequantised one at a time.
 
 bitsandbytes' own backward (``MatMul4Bit``) dequantises to the ``QuantState``'s dtype and casts to
 the gradient's dtype; the op dequantises straight to the base dtype. The two agree bit for bit when
@@ -48,7 +51,8 @@ import triton
 import triton.language as tl
 
 from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, use_triton
-from slothc.kernels.lora_linear import _no_autocast, lora_linear_bwd, lora_linear_fwd
+from slothc.kernels import lora_linear as lora
+from slothc.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
 
 # The 4-bit code books. NF4: the 16 quantiles of N(0, 1) normalised to [-1, 1] (Dettmers et al.,
 # QLoRA, 2023), as fp32. FP4: bitsandbytes' e2m1 layout (sign bit 3), magnitudes
@@ -89,6 +93,25 @@ def state_tensors(packed: torch.Tensor, quant_state) -> tuple:
     if qs.nested:
         return (packed, qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset)
     return (packed, qs.absmax, None, None, None)
+
+
+def op_state(weights) -> tuple:
+    """``(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type,
+    nested_blocksize)`` of ``slothc::qlora_linear`` for projections given as ``(packed, quant_state)``
+    pairs (bitsandbytes' ``Params4bit.data`` and ``.quant_state``); all must share one blocksize,
+    quant type and double quantisation."""
+    lists = ([], [], [], [], [])
+    shapes, configs = [], set()
+    for packed, qs in weights:
+        for items, value in zip(lists, state_tensors(packed, qs)):
+            if value is not None:
+                items.append(value)
+        shapes += [int(s) for s in qs.shape]
+        configs.add((int(qs.blocksize), qs.quant_type, bool(qs.nested), int(qs.state2.blocksize) if qs.nested else NESTED_BLOCKSIZE))
+    if len(configs) != 1:
+        raise ValueError(f"slothc::qlora_linear: one call's weights need one blocksize, quant type and double quantisation, got {sorted(configs)}")
+    blocksize, quant_type, _, nested_blocksize = configs.pop()
+    return (*lists, shapes, blocksize, quant_type, nested_blocksize)
 
 
 def _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize):
@@ -222,9 +245,11 @@ def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offs
 
 
 def dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
-               nested_blocksize=NESTED_BLOCKSIZE):
-    """Dequantise with the Triton kernel where it runs (CUDA, or the interpreter), else the reference."""
-    _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
+               nested_blocksize=NESTED_BLOCKSIZE, check=True):
+    """Dequantise with the Triton kernel where it runs (CUDA, or the interpreter), else the reference.
+    ``check=False``: the caller has checked the state already."""
+    if check:
+        _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"slothc: 4-bit weights dequantise to fp32, bf16 or fp16, not {dtype}")
     if use_triton(packed):
@@ -264,72 +289,128 @@ def _dequantize_4bit_fake(packed, absmax, absmax_8bit, absmax_code, absmax_offse
     return packed.new_empty((int(shape[0]), int(shape[1])), dtype=dtype)
 
 
-def _weight(q, dtype):
-    packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize = q
-    return dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
-                      nested_blocksize)
+class _Weights:
+    """The projections' 4-bit weights as a sequence: ``weights[p]`` dequantises W_p to ``dtype`` when
+    it is read (``lora_linear_fwd``/``_bwd`` read each once, in order, so one full-precision weight
+    is alive at a time)."""
+
+    def __init__(self, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
+                 dtype):
+        self.state = (packed, absmax, absmax_8bit, absmax_code, absmax_offset)
+        self.shapes, self.blocksize, self.quant_type = shapes, blocksize, quant_type
+        self.nested_blocksize, self.dtype = nested_blocksize, dtype
+        self.check = True  # the forward has checked the state (then False); the backward checks as it dequantises
+
+    def __len__(self):
+        return len(self.state[0])
+
+    def __getitem__(self, p):
+        packed, absmax, a8, code, offset = self.state
+        nested = bool(a8)
+        return dequantize(packed[p], absmax[p], a8[p] if nested else None, code[p] if nested else None,
+                          offset[p] if nested else None, self.shapes[p], self.blocksize, self.quant_type, self.dtype,
+                          self.nested_blocksize, check=self.check)
+
+
+def weight_shapes(shapes: Sequence[int], n_proj: int) -> list[tuple[int, int]]:
+    """``[(out_p, in_p)]`` from the flat ``shapes`` argument (two ints a projection)."""
+    if len(shapes) != 2 * n_proj:
+        raise ValueError(f"slothc::qlora_linear: shapes has {len(shapes)} ints for {n_proj} projections (2 each: out, in)")
+    return [(int(shapes[2 * p]), int(shapes[2 * p + 1])) for p in range(n_proj)]
+
+
+def _check_weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize):
+    """Every projection's 4-bit state; returns the weight shapes."""
+    n_proj = len(packed)
+    if n_proj == 0:
+        raise ValueError("slothc::qlora_linear needs at least one projection (one packed weight)")
+    if not len(absmax_8bit) == len(absmax_code) == len(absmax_offset):
+        raise ValueError(
+            f"slothc::qlora_linear: absmax_8bit, absmax_code and absmax_offset are given together (one a projection, double "
+            f"quantisation) or not at all (empty lists), got {len(absmax_8bit)}, {len(absmax_code)}, {len(absmax_offset)}"
+        )
+    nested = len(absmax_8bit) > 0
+    for name, items in (("absmax", absmax), ("absmax_8bit", absmax_8bit), ("absmax_code", absmax_code), ("absmax_offset", absmax_offset)):
+        expected = n_proj if name == "absmax" or nested else 0
+        if len(items) != expected:
+            raise ValueError(
+                f"slothc::qlora_linear: {len(items)} {name} tensors for {n_proj} projections (absmax_8bit, absmax_code and "
+                f"absmax_offset: one a projection with double quantisation, none without)"
+            )
+    ws = weight_shapes(shapes, n_proj)
+    for p in range(n_proj):
+        _check_4bit(packed[p], absmax[p], absmax_8bit[p] if nested else None, absmax_code[p] if nested else None,
+                    absmax_offset[p] if nested else None, ws[p], blocksize, quant_type, nested_blocksize)
+    return ws
 
 
 @torch.library.custom_op("slothc::qlora_linear", mutates_args=())
 def qlora_linear(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_8bit: Optional[torch.Tensor],
-    absmax_code: Optional[torch.Tensor],
-    absmax_offset: Optional[torch.Tensor],
-    shape: Sequence[int],
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax_8bit: list[torch.Tensor],
+    absmax_code: list[torch.Tensor],
+    absmax_offset: list[torch.Tensor],
+    shapes: list[int],
     blocksize: int,
     quant_type: str,
-    bias: Optional[torch.Tensor],
+    biases: list[Optional[torch.Tensor]],
     lora_a: list[torch.Tensor],
     lora_b: list[torch.Tensor],
     scaling: list[float],
+    adapter_proj: list[int],
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
     xa: Optional[torch.Tensor],
     nested_blocksize: int,
 ) -> list[torch.Tensor]:
-    """``[Y, T]``: the projection's output and the saved low-rank product (as ``slothc::lora_linear``
-    with one projection whose weight is the dequantised 4-bit tensor; module docstring)."""
-    q = (packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
-    with _no_autocast(x):
-        w = _weight(q, base_dtype)
-    # PEFT's 4-bit layer adds base and update in the output dtype (the base cast to it first).
-    outs, t = lora_linear_fwd(x, [w], [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, xa,
-                              sum_dtype=out_dtype)
-    del w  # the full-precision weight lives for this one matmul
-    return [outs[0], t]
+    """``[Y_0, ..., Y_{P-1}, T]``: the outputs of P projections of one input (q/k/v, gate/up; P = 1
+    for a lone linear), each weight a 4-bit tensor (``packed[p]``, its scales, ``shapes[2p:2p+2]``;
+    ``absmax_8bit``, ``absmax_code``, ``absmax_offset``: one a projection when double-quantised, empty
+    lists otherwise; one blocksize and quant type for all), then the saved low-rank product. As
+    ``slothc::lora_linear`` with the dequantised weights (module docstring)."""
+    ws = _check_weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize)
+    lora._check(x, ws, biases, lora_a, lora_b, scaling, adapter_proj, xa)
+    weights = _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, ws, blocksize, quant_type, nested_blocksize,
+                       base_dtype)
+    weights.check = False
+    # PEFT's 4-bit layer adds base and update in the output dtype (the base cast to it first). Each
+    # full-precision weight lives for its one matmul.
+    outs, t = lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa,
+                              sum_dtype=out_dtype, check=False)
+    return [*outs, t]
 
 
 @qlora_linear.register_fake
-def _qlora_linear_fake(x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_a,
-                       lora_b, scaling, base_dtype, lora_dtype, out_dtype, xa, nested_blocksize):
-    _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
-    if x.shape[-1] != int(shape[1]):
-        raise ValueError(f"slothc::qlora_linear: x has {x.shape[-1]} features, the 4-bit weight {tuple(shape)} expects {shape[1]}")
+def _qlora_linear_fake(x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, biases, lora_a,
+                       lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa, nested_blocksize):
+    ws = _check_weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize)
+    lora._check(x, ws, biases, lora_a, lora_b, scaling, adapter_proj, xa)
     n = math.prod(x.shape[:-1])
     r_total = sum(a.shape[0] for a in lora_a)
-    return [x.new_empty((*x.shape[:-1], int(shape[0])), dtype=out_dtype), x.new_empty((n, r_total), dtype=lora_dtype)]
+    outs = [x.new_empty((*x.shape[:-1], m), dtype=out_dtype) for m, _ in ws]
+    return [*outs, x.new_empty((n, r_total), dtype=lora_dtype)]
 
 
 @torch.library.custom_op("slothc::qlora_linear_backward", mutates_args=())
 def qlora_linear_backward(
-    grad: torch.Tensor,
+    grads: list[Optional[torch.Tensor]],
     x: torch.Tensor,
     t: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_8bit: Optional[torch.Tensor],
-    absmax_code: Optional[torch.Tensor],
-    absmax_offset: Optional[torch.Tensor],
-    shape: Sequence[int],
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax_8bit: list[torch.Tensor],
+    absmax_code: list[torch.Tensor],
+    absmax_offset: list[torch.Tensor],
+    shapes: list[int],
     blocksize: int,
     quant_type: str,
     lora_a: list[torch.Tensor],
     lora_b: list[torch.Tensor],
     scaling: list[float],
+    adapter_proj: list[int],
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
@@ -339,19 +420,23 @@ def qlora_linear_backward(
     x_dtype: Optional[torch.dtype],
     nested_blocksize: int,
 ) -> list[torch.Tensor]:
-    """``[dX, dXa, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_linear`` (``x``: the adapters' input).
-    ``W`` is dequantised again here, only when ``dX`` is asked for."""
-    q = (packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
-    with _no_autocast(x):
-        w = _weight(q, base_dtype) if need_dx else packed.new_empty((int(shape[0]), int(shape[1])), dtype=base_dtype, device="meta")
-    dx, dxa, da, db = lora_linear_bwd([grad], x, t, [w], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype,
+    """``[dX, dXa, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_linear`` (``x``: the adapters' input;
+    ``grads[p]``: None where projection p's output got no gradient). Each ``W_p`` is dequantised
+    again here, only when ``dX`` is asked for, one at a time."""
+    ws = weight_shapes(shapes, len(packed))
+    if need_dx:
+        weights = _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, ws, blocksize, quant_type, nested_blocksize,
+                           base_dtype)
+    else:  # dX is not computed: the backward reads no weight (their shapes only)
+        weights = [packed[p].new_empty(ws[p], dtype=base_dtype, device="meta") for p in range(len(ws))]
+    dx, dxa, da, db = lora_linear_bwd(list(grads), x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype,
                                       out_dtype, need_dx, split, need_dxa, x_dtype)
     return [dx if dx is not None else x.new_empty(0), dxa if dxa is not None else x.new_empty(0), *da, *db]
 
 
 @qlora_linear_backward.register_fake
-def _qlora_linear_backward_fake(grad, x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-                                lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype, need_dx, split, need_dxa,
+def _qlora_linear_backward_fake(grads, x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type,
+                                lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx, split, need_dxa,
                                 x_dtype, nested_blocksize):
     dx = x.new_empty(x.shape, dtype=(x_dtype or x.dtype) if split else x.dtype) if need_dx else x.new_empty(0)
     dxa = x.new_empty(x.shape) if split and need_dxa else x.new_empty(0)
@@ -359,42 +444,46 @@ def _qlora_linear_backward_fake(grad, x, t, packed, absmax, absmax_8bit, absmax_
 
 
 def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_a, lora_b, scaling,
-     base_dtype, lora_dtype, out_dtype, xa, nested_blocksize) = inputs
-    ctx.n_adapters = len(lora_a)
-    ctx.nested = absmax_8bit is not None
+    (x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, biases, lora_a, lora_b, scaling,
+     adapter_proj, base_dtype, lora_dtype, out_dtype, xa, nested_blocksize) = inputs
+    ctx.n_proj, ctx.n_adapters, ctx.n_state = len(packed), len(lora_a), len(absmax_8bit)
     ctx.split, ctx.x_dtype = xa is not None, x.dtype
-    ctx.has_bias = bias is not None
-    state = [absmax_8bit, absmax_code, absmax_offset] if ctx.nested else []
-    # The 4-bit weight and its scales (already resident), the adapters' input and T; never W.
-    ctx.save_for_backward(xa if xa is not None else x, output[-1], packed, absmax, *state, *lora_a, *lora_b)
-    ctx.config = (list(shape), blocksize, quant_type, list(scaling), base_dtype, lora_dtype, out_dtype, nested_blocksize)
+    ctx.bias_has_none = any(b is None for b in biases)
+    # The 4-bit weights and their scales (already resident), the adapters' input and T; never W.
+    ctx.save_for_backward(xa if xa is not None else x, output[-1], *packed, *absmax, *absmax_8bit, *absmax_code, *absmax_offset,
+                          *lora_a, *lora_b)
+    ctx.config = (list(shapes), blocksize, quant_type, list(scaling), list(adapter_proj), base_dtype, lora_dtype, out_dtype,
+                  nested_blocksize)
 
 
 def _backward(ctx, grads):
-    x, t, packed, absmax, *rest = ctx.saved_tensors
-    if ctx.nested:
-        absmax_8bit, absmax_code, absmax_offset, *rest = rest
-    else:
-        absmax_8bit = absmax_code = absmax_offset = None
-    lora_a, lora_b = rest[: ctx.n_adapters], rest[ctx.n_adapters :]
-    shape, blocksize, quant_type, scaling, base_dtype, lora_dtype, out_dtype, nested_blocksize = ctx.config
+    x, t, *rest = ctx.saved_tensors
+    sizes = [ctx.n_proj, ctx.n_proj, ctx.n_state, ctx.n_state, ctx.n_state, ctx.n_adapters, ctx.n_adapters]
+    parts, at = [], 0
+    for size in sizes:
+        parts.append(list(rest[at : at + size]))
+        at += size
+    packed, absmax, absmax_8bit, absmax_code, absmax_offset, lora_a, lora_b = parts
+    shapes, blocksize, quant_type, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, nested_blocksize = ctx.config
     need_dx = ctx.needs_input_grad[0]
-    need_dxa = ctx.split and ctx.needs_input_grad[16]
-    grad = grads[0]
-    if grad is None:
-        grad = torch.zeros((*x.shape[:-1], shape[0]), dtype=out_dtype, device=x.device)
+    need_dxa = ctx.split and ctx.needs_input_grad[17]
     out = torch.ops.slothc.qlora_linear_backward(
-        grad, x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, list(lora_a),
-        list(lora_b), scaling, base_dtype, lora_dtype, out_dtype, need_dx, ctx.split, need_dxa, ctx.x_dtype, nested_blocksize,
+        list(grads[: ctx.n_proj]), x, t, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type,
+        lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx, ctx.split, need_dxa, ctx.x_dtype,
+        nested_blocksize,
     )
     dx = out[0] if need_dx else None
     dxa = out[1] if need_dxa else None
     da = list(out[2 : 2 + ctx.n_adapters])
     db = list(out[2 + ctx.n_adapters :])
-    no_adapters = [] if not ctx.n_adapters else None  # an empty list input needs an empty list back
-    return (dx, None, None, None, None, None, None, None, None, None, da or no_adapters, db or no_adapters, no_adapters, None,
-            None, None, dxa, None)
+    # torch.library matches the structure of the inputs: a Tensor?[] holding a None is one leaf, an
+    # empty list needs an empty list back.
+    frozen = [None] * ctx.n_proj
+    state = [None] * ctx.n_state if ctx.n_state else []
+    no_bias = None if ctx.bias_has_none else list(frozen)
+    no_adapters = [] if not ctx.n_adapters else None
+    return (dx, frozen, list(frozen), state, list(state), list(state), None, None, None, no_bias, da or no_adapters,
+            db or no_adapters, no_adapters, no_adapters, None, None, None, dxa, None)
 
 
 torch.library.register_autograd("slothc::qlora_linear", _backward, setup_context=_setup_context)

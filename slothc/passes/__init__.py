@@ -6,7 +6,7 @@ later fusion sees the graph that earlier ones produced. ``prepare(graph, report,
 None) runs on each graph before its fusion's rules: bitsandbytes' 4-bit matmuls are spelled as a
 dequantise-then-linear there. ``finish(graph, report, graph_index)`` (or None) runs on each graph
 after its fusion's rules, for rewrites across sites: the rotations of q and k become one call; LoRA
-projections that share an input become one call; an MLP's activation is merged with its down
+and QLoRA projections that share an input become one call; an MLP's activation is merged with its down
 projection (which the LoRA fusion rewrote first).
 """
 
@@ -29,7 +29,7 @@ def fusion_passes() -> tuple:
         ("layer_norm", layer_norm.RULES, None, None),
         ("rope", rope.RULES, None, rope.finish_graph),
         # before lora_linear: its branch rule would report QLoRA's adapters as another LoRA form
-        ("qlora_linear", qlora_linear.RULES, qlora_linear.prepare, None),
+        ("qlora_linear", qlora_linear.RULES, qlora_linear.prepare, qlora_linear.finish_graph),
         ("lora_linear", lora_linear.RULES, None, lora_linear.finish_graph),
         ("mlp", mlp.RULES, None, mlp.finish_graph),
         ("linear_cross_entropy", linear_cross_entropy.RULES, None, None),

@@ -313,11 +313,11 @@ def _is_op(node: Node) -> bool:
 def finish_graph(graph: Graph, report, graph_index: int = 0) -> None:
     """After the rules: merge the projections that share an input; note it in their report sites."""
     for modules in group_shared_inputs(graph):
-        _mark_shared(report, graph_index, modules)
+        mark_shared(report, "lora_linear", graph_index, modules)
 
 
-def _mark_shared(report, graph_index: int, modules: list) -> None:
-    sites = report.fused.get("lora_linear", [])
+def mark_shared(report, fusion: str, graph_index: int, modules: list) -> None:
+    sites = report.fused.get(fusion, [])
     remaining = list(modules)
     for i, site in enumerate(sites):
         if site.graph == graph_index and site.module in remaining:
@@ -325,62 +325,99 @@ def _mark_shared(report, graph_index: int, modules: list) -> None:
             sites[i] = dataclasses.replace(site, variant=f"{site.variant}, input shared by {len(modules)}")
 
 
-def group_shared_inputs(graph: Graph) -> list[list[str]]:
-    """Merge ``slothc::lora_linear`` calls that read the same input with the same dtypes into one.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a multi-projection op (``slothc::lora_linear``, ``slothc::qlora_linear``) keeps its
+    arguments: ``lists`` are concatenated over the merged calls, ``proj`` (adapter -> projection) is
+    offset by the projections before, ``n_proj`` counts a call's projections (its outputs before
+    ``T``); every other argument must be equal (with ``key``'s extra terms) for calls to merge."""
 
-    The merged call is placed where the first of them was; a call whose operands are only defined
-    later in the graph (e.g. a weight cast computed just before it) is left on its own. Returns the
+    op: object
+    n_args: int
+    lists: tuple
+    proj: int
+    n_proj: int
+    key_extra: object = None  # node -> extra key terms, or None when the call may not merge
+
+
+LORA_LAYOUT = Layout(_OP, _N_ARGS, lists=(1, 2, 3, 4, 5), proj=6, n_proj=1)
+
+
+def group_shared_inputs(graph: Graph, layout: Layout = LORA_LAYOUT) -> list[list[str]]:
+    """Merge calls of ``layout.op`` that read the same input with the same dtypes (and settings) into one.
+
+    The merged call is placed where the first of them was; a view or cast of graph inputs that a
+    later call reads is moved before it; a call whose other operands are only defined later in the graph (e.g.
+    a weight cast computed just before it) is left on its own. Returns the
     module paths of each merged group.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     buckets: dict = {}
+    skip = (*layout.lists, layout.proj)
     for node in graph.nodes:
-        if _is_op(node) and len(node.args) == _N_ARGS and not node.kwargs:
-            x, *_, base, lora, out = node.args
-            buckets.setdefault((x, base, lora, out), []).append(node)
+        if node.op == "call_function" and node.target in (layout.op, layout.op._overloadpacket) and len(node.args) == layout.n_args \
+                and not node.kwargs:
+            extra = layout.key_extra(node) if layout.key_extra is not None else ()
+            if extra is None:
+                continue
+            key = (tuple(a for i, a in enumerate(node.args) if i not in skip), extra)
+            buckets.setdefault(key, []).append(node)
     groups = []
-    for (x, base, lora, out), nodes in buckets.items():
+    for nodes in buckets.values():
         if len(nodes) < 2:
             continue
         first = nodes[0]
+        for n in nodes[1:]:
+            for d in n.all_input_nodes:
+                if order[d] > order[first] and _view_of_inputs(d):
+                    # a view or cast of graph inputs (bitsandbytes' packed.view(-1, 1), a bias cast) can be made earlier
+                    first.prepend(d)
+                    order[d] = order[first] - 0.5
         mergeable = [first] + [
             n for n in nodes[1:] if all(order[d] < order[first] for d in n.all_input_nodes)
         ]
         if len(mergeable) < 2:
             continue
         modules = [module_path(n) for n in mergeable]
-        if _merge(graph, mergeable):
+        if _merge(graph, mergeable, layout):
             groups.append(modules)
     return groups
 
 
-def _merge(graph: Graph, nodes: list) -> int:
+_VIEWS = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.to, "view", "reshape", "to")
+
+
+def _view_of_inputs(node: Node) -> bool:
+    return (node.op == "call_function" or node.op == "call_method") and node.target in _VIEWS and all(
+        d.op in ("placeholder", "get_attr") for d in node.all_input_nodes
+    )
+
+
+def _merge(graph: Graph, nodes: list, layout: Layout) -> bool:
     first = nodes[0]
-    x, base, lora, out = first.args[0], first.args[7], first.args[8], first.args[9]
-    weights, biases, lora_a, lora_b, scaling, proj = [], [], [], [], [], []
+    args = list(first.args)
+    for i in (*layout.lists, layout.proj):
+        args[i] = []
+    n_proj = 0
     for n in nodes:
-        _, w, b, a, bb, s, p, *_ = n.args
-        offset = len(weights)
-        weights += list(w)
-        biases += list(b)
-        lora_a += list(a)
-        lora_b += list(bb)
-        scaling += list(s)
-        proj += [offset + q for q in p]
+        for i in layout.lists:
+            args[i] += list(n.args[i])
+        args[layout.proj] += [n_proj + q for q in n.args[layout.proj]]
+        n_proj += len(n.args[layout.n_proj])
     with graph.inserting_before(first):
-        merged = graph.call_function(_OP, (x, weights, biases, lora_a, lora_b, scaling, proj, base, lora, out))
-        getters = [graph.call_function(operator.getitem, (merged, i)) for i in range(len(weights))]
+        merged = graph.call_function(layout.op, tuple(args))
+        getters = [graph.call_function(operator.getitem, (merged, i)) for i in range(n_proj)]
     if not propagate([merged, *getters], first):
         for node in reversed([merged, *getters]):
             graph.erase_node(node)
         return False
     offset = 0
     for n in nodes:
-        n_proj = len(n.args[1])
+        count = len(n.args[layout.n_proj])
         for user in list(n.users):
-            if user.target is operator.getitem and isinstance(user.args[1], int) and user.args[1] < n_proj:
+            if user.target is operator.getitem and isinstance(user.args[1], int) and user.args[1] < count:
                 user.replace_all_uses_with(getters[offset + user.args[1]])
-        offset += n_proj
+        offset += count
     for n in nodes:
         for user in list(n.users):
             if not user.users:

@@ -470,8 +470,9 @@ def _call(x, weight_node, bias, lora_a, lora_b, scaling, base, lora_dtype, out, 
     def proxy(n):
         return torch.fx.Proxy(n, tracer) if isinstance(n, Node) else n
 
-    return _OP(x, proxy(packed), proxy(absmax), proxy(a8), proxy(code), proxy(offset), list(shape), blocksize, quant_type, bias,
-               lora_a, lora_b, scaling, base, lora_dtype, out, xa, nested)
+    state = [[proxy(a8)], [proxy(code)], [proxy(offset)]] if a8 is not None else [[], [], []]
+    return _OP(x, [proxy(packed)], [proxy(absmax)], *state, list(shape), blocksize, quant_type, [bias], lora_a, lora_b, scaling,
+               [0] * len(lora_a), base, lora_dtype, out, xa, nested)
 
 
 def _peft_replacement(m, x, weight, bias, xa, xa2=None, **captures):
@@ -491,6 +492,24 @@ def _bare_replacement(m, x, weight, bias, **captures):
     outs = _call(x, dq, bias, [], [], [], base, base, m.out.dtype, None)
     m.state["variant"] = _variant(dq, 0, False)
     return outs[0]
+
+
+# -- shared inputs -----------------------------------------------------------------------------------
+
+
+def _merge_key(node: Node):
+    # One call's weights share the blocksize, quant type (in the key already) and double
+    # quantisation; a call with a dropout input (xa) stays on its own, as in the LoRA pass.
+    return None if node.args[17] is not None else (len(node.args[3]) > 0,)
+
+
+LAYOUT = lora.Layout(_OP, 19, lists=(1, 2, 3, 4, 5, 6, 9, 10, 11, 12), proj=13, n_proj=1, key_extra=_merge_key)
+
+
+def finish_graph(graph: Graph, report, graph_index: int = 0) -> None:
+    """After the rules: the 4-bit projections of one input (q/k/v, gate/up) become one call."""
+    for modules in lora.group_shared_inputs(graph, LAYOUT):
+        lora.mark_shared(report, "qlora_linear", graph_index, modules)
 
 
 _PEFT_RULES = [

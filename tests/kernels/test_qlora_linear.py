@@ -193,6 +193,17 @@ def layer_args(layer):
     return (*state_args(layer.weight.data, qs), list(qs.shape), qs.blocksize, qs.quant_type)
 
 
+def op_args(layers):
+    """The op's 4-bit arguments for these layers (one projection each): packed, ..., nested_blocksize."""
+    return qmod.op_state([(layer.weight.data, layer.weight.quant_state) for layer in layers])
+
+
+def call_op(x, layers, biases, lora_a, lora_b, scaling, proj, base, lora, out, xa=None):
+    *state, nested_blocksize = op_args(layers)
+    return torch.ops.slothc.qlora_linear(x, *state, list(biases), list(lora_a), list(lora_b), list(scaling), list(proj), base, lora,
+                                         out, xa, nested_blocksize)
+
+
 def peft_qlora(layer, x, adapters):
     """``peft.tuners.lora.bnb.Linear4bit.forward``: the real 4-bit layer, ``.clone()``, then per adapter
     ``x.to(A.dtype)``, ``lora_B(lora_A(x)) * scaling``, cast to the result's dtype unless autocast."""
@@ -255,8 +266,7 @@ def _qlora_fns(case, layer):
 
     def fused(x, *params):
         with _autocast(autocast):  # the op must not be recast by an ambient autocast
-            return torch.ops.slothc.qlora_linear(x, *q, bias, list(params[:n]), list(params[n:]), scaling, base, lora, out, None,
-                                                 256)[0]
+            return call_op(x, [layer], [bias], params[:n], params[n:], scaling, [0] * n, base, lora, out)[0]
 
     def eager(x, *params):
         with _autocast(autocast):
@@ -288,6 +298,91 @@ def test_output_and_gradient_dtypes_are_eagers(case):
     if params:
         grads = torch.autograd.grad(f.float().sum(), params)
         assert [g.dtype for g in grads] == [p.dtype for p in params]
+
+
+@st.composite
+def group_cases(draw):
+    """Several projections of one input in one call (q/k/v, gate/up): each its own 4-bit weight,
+    bias and 0-2 adapters; some outputs unused (no gradient reaches them)."""
+    base = draw(qlora_cases())
+    n_proj = draw(st.integers(2, 3))
+    ms = [draw(st.integers(1, 96)) for _ in range(n_proj)]
+    adapters = [[(draw(st.integers(1, 16)), draw(st.sampled_from([0.5, 2.0, 16 / math.sqrt(8)]))) for _ in range(draw(st.integers(0, 2)))]
+                for _ in range(n_proj)]
+    used = draw(st.lists(st.booleans(), min_size=n_proj, max_size=n_proj).filter(any))
+    biases = [draw(st.booleans()) for _ in range(n_proj)]
+    return dict(base, ms=ms, group_adapters=adapters, used=used, biases=biases)
+
+
+def _group_make(case):
+    x_dtype, compute, a_dtype, autocast = _setup_dtypes(case["setup"], case["half"])
+    layers = [make_layer(m, case["k"], bias, compute, case["blocksize"], case["quant_type"], case["nested"], case["seed"] + 100 * p)
+              for p, (m, bias) in enumerate(zip(case["ms"], case["biases"]))]
+    x = testing.make_tensor((*case["lead"], case["k"]), x_dtype, case["seed"] + 2, device=DEVICE, requires_grad=case["need_dx"])
+    params, proj, scaling = [], [], []
+    for p, adapters in enumerate(case["group_adapters"]):
+        trained = case["used"][p]  # an unused output's adapters get zeros from the op, None from eager: not compared
+        for i, (r, s) in enumerate(adapters):
+            a = testing.make_tensor((r, case["k"]), a_dtype, case["seed"] + 10 * p + i, device=DEVICE, scale=case["k"] ** -0.5,
+                                    requires_grad=trained)
+            b = testing.make_tensor((case["ms"][p], r), a_dtype, case["seed"] + 10 * p + i + 5, device=DEVICE, scale=r**-0.5 / max(1.0, s),
+                                    requires_grad=trained)
+            params.append((a, b))
+            proj.append(p)
+            scaling.append(s)
+    return layers, x, params, proj, scaling
+
+
+@given(case=group_cases())
+def test_projections_sharing_an_input_match_each_layer_alone(case):
+    """One call for P projections equals P PEFT 4-bit layers on the same x, forward and every
+    gradient (unused outputs: their projections get no gradient)."""
+    layers, x, params, proj, scaling = _group_make(case)
+    base, lora, out = _op_dtypes(case["setup"], case["half"])
+    autocast = _setup_dtypes(case["setup"], case["half"])[3]
+    biases = [layer.bias.to(layer.compute_dtype) if layer.bias is not None else None for layer in layers]
+    n = len(params)
+    used = [p for p, u in enumerate(case["used"]) if u]
+
+    def fused(x, *ab):
+        with _autocast(autocast):
+            outs = call_op(x, layers, biases, ab[:n], ab[n:], scaling, proj, base, lora, out)
+        assert len(outs) == len(layers) + 1
+        return [outs[p] for p in used]
+
+    def eager(x, *ab):
+        with _autocast(autocast):
+            return [peft_qlora(layers[p], x, [(ab[i], ab[n + i], scaling[i]) for i in range(n) if proj[i] == p]) for p in used]
+
+    w64 = [qmod.dequantize_4bit_reference(*layer_args(layer), torch.float32).double() for layer in layers]
+
+    def ref(x, *ab):
+        outs = []
+        for p in used:
+            y = F.linear(x, w64[p], layers[p].bias.double() if layers[p].bias is not None else None)
+            for i in range(n):
+                if proj[i] == p:
+                    y = y + F.linear(F.linear(x, ab[i]), ab[n + i]) * scaling[i]
+            outs.append(y)
+        return outs
+
+    a_list, b_list = [a for a, _ in params], [b for _, b in params]
+    testing.check_against_eager(fused, eager, x, *a_list, *b_list, ref_fn=ref, seed=case["seed"])
+
+
+def test_group_dequantises_each_weight_once_a_pass(monkeypatch):
+    """Three projections: three dequantisations forward, three backward (for dX), none saved."""
+    case = dict(_simple(), ms=[40, 24, 24], group_adapters=[[(4, 2.0)], [(4, 2.0)], []], used=[True] * 3, biases=[True, False, False])
+    layers, x, params, proj, scaling = _group_make(case)
+    calls = []
+    original = qmod.dequantize
+    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(tuple(a[5])) or original(*a, **k))
+    biases = [layers[0].bias.to(torch.bfloat16), None, None]
+    outs = call_op(x, layers, biases, [a for a, _ in params], [b for _, b in params], scaling, proj, *(torch.bfloat16,) * 3)
+    assert calls == [(40, 128), (24, 128), (24, 128)]
+    sum(o.float().sum() for o in outs[:3]).backward()
+    assert calls == [(40, 128), (24, 128), (24, 128)] * 2
+    assert all(a.grad is not None for a, _ in params) and x.grad is not None
 
 
 def _simple(setup="bf16_model", adapters=((4, 2.0),), need_dx=True, nested=True, bias=True, quant_type="nf4", m=40, k=128,
@@ -332,7 +427,8 @@ def _opcheck_args(setup="bf16_model", n_adapters=2, nested=True, bias=True):
     layer, x, lora_a, lora_b = _qlora_make(case)
     base, lora, out = _op_dtypes(setup, torch.bfloat16)
     b = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
-    return layer, (x, *layer_args(layer), b, lora_a, lora_b, [2.0, 0.5][:n_adapters], base, lora, out, None, 256)
+    *state, nested_blocksize = op_args([layer])
+    return layer, (x, *state, [b], lora_a, lora_b, [2.0, 0.5][:n_adapters], [0] * n_adapters, base, lora, out, None, nested_blocksize)
 
 
 @pytest.mark.parametrize("setup", ["bf16_model", "bf16_model_adapters", "fp32_model"])
@@ -342,7 +438,7 @@ def test_opcheck(setup, n_adapters, nested, bias):
     torch.library.opcheck(torch.ops.slothc.qlora_linear.default, args)
     xa = (args[0] * 2.0).detach().requires_grad_()  # a separate adapters' input (dropout)
     if n_adapters:
-        torch.library.opcheck(torch.ops.slothc.qlora_linear.default, (*args[:16], xa, 256))
+        torch.library.opcheck(torch.ops.slothc.qlora_linear.default, (*args[:17], xa, args[18]))
 
 
 def test_opcheck_dequantize_and_backward_op():
@@ -357,21 +453,25 @@ def test_opcheck_dequantize_and_backward_op():
     for need_dx, split, need_dxa in ((True, False, False), (False, False, False), (True, True, True)):
         torch.library.opcheck(
             torch.ops.slothc.qlora_linear_backward.default,
-            (grad, x.detach(), t.detach(), *q, lora_a, lora_b, args[12], *args[13:16], need_dx, split, need_dxa, x.dtype, 256),
+            ([grad], x.detach(), t.detach(), *args[1:9], lora_a, lora_b, *args[12:17], need_dx, split, need_dxa, x.dtype, args[18]),
         )
 
 
 @pytest.mark.parametrize(
     "index, value, message",
     [
-        (1, torch.zeros(7, dtype=torch.uint8), "packed codes must be uint8 with ceil"),
-        (2, torch.zeros(3), "double-quantised absmax needs"),
-        (3, None, "given together"),
+        (1, [torch.zeros(7, dtype=torch.uint8)], "packed codes must be uint8 with ceil"),
+        (2, [torch.zeros(3)], "double-quantised absmax needs"),
+        (3, [], "given together .* or not at all"),
         (8, "int4", "quant_type 'int4'"),
         (7, 63, "blocksize 63"),
         (6, [40, 64], "packed codes must be uint8"),
+        (6, [40, 128, 1], "shapes has 3 ints for 1 projections"),
+        (13, [0, 1], "adapter 1 belongs to projection 1, but there are 1"),
+        (9, [None, None], "2 biases for 1 projections"),
     ],
-    ids=["packed_size", "absmax_size", "partial_nested_state", "quant_type", "odd_blocksize", "shape"],
+    ids=["packed_size", "absmax_size", "partial_nested_state", "quant_type", "odd_blocksize", "shape", "shapes_length",
+         "adapter_projection", "biases"],
 )
 def test_bad_input_names_what_to_change(index, value, message):
     _, args = _opcheck_args()
@@ -416,7 +516,7 @@ def test_public_wrappers_read_a_params4bit():
     x = torch.randn(3, 128, device=DEVICE, dtype=torch.bfloat16)
     a = torch.randn(4, 128, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(40, 4, device=DEVICE, dtype=torch.bfloat16)
-    expected = torch.ops.slothc.qlora_linear(x, *layer_args(layer), None, [a], [b], [0.5], *(torch.bfloat16,) * 3, None, 256)[0]
+    expected = call_op(x, [layer], [None], [a], [b], [0.5], [0], *(torch.bfloat16,) * 3)[0]
     assert torch.equal(ops.qlora_linear(x, layer.weight, [a], [b], [0.5]), expected)
     with pytest.raises(ValueError, match="expected a bitsandbytes 4-bit weight"):
         ops.qlora_linear(x, torch.randn(40, 128), [a], [b], [0.5])

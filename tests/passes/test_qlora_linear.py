@@ -110,11 +110,22 @@ def test_every_4bit_lora_linear_fused_when_x_needs_grad():
     report, gm = _run(_peft(), torch.randn(2, 5, 64, requires_grad=True))
     assert sorted(_short(m) for m in report.modules("qlora_linear")) == ["k", "o", "q"], str(report)
     variants = {_short(s.module): s.variant for s in report.fused["qlora_linear"]}
-    assert variants["q"] == "nf4, double-quant, blocksize 64, peft"
+    assert variants["q"] == variants["k"] == "nf4, double-quant, blocksize 64, peft, input shared by 2"
     assert variants["o"] == "nf4, double-quant, blocksize 32, peft"
-    assert targets(gm).count(QLORA_OP) == 3
+    assert targets(gm).count(QLORA_OP) == 2  # q and k read one x: one call
     _no_bnb_left(gm)
     assert not report.skipped and not report.fused.get("lora_linear"), str(report)
+
+
+@pytest.mark.parametrize("k_config", [dict(blocksize=32), dict(nested=False), dict(quant_type="fp4")],
+                         ids=["blocksize", "double_quant", "quant_type"])
+def test_projections_of_one_input_merge_only_with_one_4bit_format(k_config):
+    """q and k read one x, but one call takes one blocksize, quant type and double quantisation."""
+    block = Block()
+    block.k = linear4bit(64, 32, seed=2, **k_config)
+    report, gm = _run(_peft(block), torch.randn(2, 5, 64, requires_grad=True))
+    assert report.count("qlora_linear") == 3 and targets(gm).count(QLORA_OP) == 3, str(report)
+    assert not any("input shared" in s.variant for s in report.fused["qlora_linear"]), str(report)
 
 
 def test_direct_gemm_when_x_needs_no_grad():
@@ -142,10 +153,11 @@ def test_bias_two_adapters_and_rslora():
         p.requires_grad_("lora_" in name)
     report, gm = _run(model, torch.randn(2, 64, requires_grad=True))
     assert report.count("qlora_linear") == 3, str(report)
-    assert all(s.variant.endswith("peft (2 adapters)") for s in report.fused["qlora_linear"]), str(report)
-    call = next(n for n in gm.graph.nodes if n.target is QLORA_OP)
-    assert call.args[12] == [pytest.approx(16 / 8**0.5), pytest.approx(2.0)]  # rsLoRA on the first only
-    assert call.args[9] is not None  # the bias
+    assert all("peft (2 adapters)" in s.variant for s in report.fused["qlora_linear"]), str(report)
+    call = next(n for n in gm.graph.nodes if n.target is QLORA_OP)  # q and k, merged (their bias casts moved before it)
+    assert call.args[12] == [pytest.approx(16 / 8**0.5), pytest.approx(2.0)] * 2  # rsLoRA on the first only
+    assert call.args[13] == [0, 0, 1, 1]  # two adapters a projection
+    assert len(call.args[9]) == 2 and all(b is not None for b in call.args[9])  # the biases
 
 
 def test_autocast():
@@ -159,7 +171,9 @@ def test_autocast():
 def test_dropout_in_training():
     report, gm = _run(_peft(lora_dropout=0.25), torch.randn(2, 64, requires_grad=True), seed=7)
     assert report.count("qlora_linear") == 3, str(report)
+    # a dropout input each: the calls stay apart (as in the LoRA pass)
     assert all(s.variant.endswith("peft, dropout") for s in report.fused["qlora_linear"])
+    assert targets(gm).count(QLORA_OP) == 3
     assert F.dropout in targets(gm)  # torch's own dropout: eager's mask
 
 
