@@ -16,6 +16,8 @@ to the backward. Here:
   LoRA adapters): it keeps ``g``, ``u`` and the small ``h A^T``, not ``h``; the backward recomputes
   ``h`` (one elementwise kernel) for ``dA = s (dY B)^T h``, then ``dg, du`` are written over the
   buffers of ``dh`` and of the recomputed ``h``, which are no longer needed.
+- ``slothc::qlora_mlp`` is the same with a bitsandbytes 4-bit down projection (``slothc::qlora_linear``'s
+  form): ``W`` is dequantised in the forward and again in the backward, and kept in neither.
 
 The elementwise kernels are emitted by :mod:`slothc.derive` from the activation's expression; on CPU
 the same formulas run as torch code. Both compute in fp32 and round once.
@@ -29,7 +31,9 @@ import torch
 
 from slothc.derive import activation as get_activation
 from slothc.kernels._launch import KERNEL_DTYPES, as_rows, cdiv, device_guard, use_triton
+from slothc.kernels.lora_linear import _check as check_lora
 from slothc.kernels.lora_linear import fake_outputs, lora_linear_bwd, lora_linear_fwd
+from slothc.kernels.qlora_linear import _Weights, _check_weights, weight_shapes
 
 _BLOCK_SIZE_N = 1024
 _NUM_WARPS = 4
@@ -234,3 +238,137 @@ def _mlp_autograd_backward(ctx, grads):
 
 
 torch.library.register_autograd("slothc::mlp", _mlp_autograd_backward, setup_context=_mlp_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The same with a bitsandbytes 4-bit down projection (QLoRA)
+# --------------------------------------------------------------------------------------------
+
+
+def _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize, dtype):
+    return _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, weight_shapes(shapes, 1), blocksize, quant_type,
+                    nested_blocksize, dtype)
+
+
+def _check_4bit_down(g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias, lora_a,
+                     lora_b, scaling, nested_blocksize):
+    _check(g, u)
+    get_activation(act)
+    ws = _check_weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize)
+    if len(ws) != 1:
+        raise ValueError(f"slothc::qlora_mlp: one down projection, got {len(ws)} 4-bit weights")
+    check_lora(g, ws, [bias], lora_a, lora_b, scaling, [0] * len(lora_a))
+    return ws
+
+
+@torch.library.custom_op("slothc::qlora_mlp", mutates_args=())
+def qlora_mlp(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    act: str,
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax_8bit: list[torch.Tensor],
+    absmax_code: list[torch.Tensor],
+    absmax_offset: list[torch.Tensor],
+    shapes: list[int],
+    blocksize: int,
+    quant_type: str,
+    bias: Optional[torch.Tensor],
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    nested_blocksize: int,
+) -> list[torch.Tensor]:
+    """``[Y, T]`` of ``slothc::mlp`` whose down projection is a 4-bit weight (one projection, in
+    ``slothc::qlora_linear``'s form): neither ``h`` nor the dequantised ``W`` is kept."""
+    _check_4bit_down(g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias, lora_a,
+                     lora_b, scaling, nested_blocksize)
+    h = mlp_act_fwd(g, u, act)
+    weights = _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
+                         base_dtype)
+    weights.check = False
+    # PEFT's 4-bit layer adds base and update in the output dtype
+    (y,), t = lora_linear_fwd(h, weights, [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
+                              sum_dtype=out_dtype, check=False)
+    return [y, t]
+
+
+@qlora_mlp.register_fake
+def _qlora_mlp_fake(g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias, lora_a,
+                    lora_b, scaling, base_dtype, lora_dtype, out_dtype, nested_blocksize):
+    ws = _check_4bit_down(g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias,
+                          lora_a, lora_b, scaling, nested_blocksize)
+    return fake_outputs(g, [g.new_empty(ws[0], device="meta")], lora_a, lora_dtype, out_dtype)
+
+
+@torch.library.custom_op("slothc::qlora_mlp_backward", mutates_args=())
+def qlora_mlp_backward(
+    dy: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    t: torch.Tensor,
+    act: str,
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax_8bit: list[torch.Tensor],
+    absmax_code: list[torch.Tensor],
+    absmax_offset: list[torch.Tensor],
+    shapes: list[int],
+    blocksize: int,
+    quant_type: str,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scaling: list[float],
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    nested_blocksize: int,
+) -> list[torch.Tensor]:
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_mlp``: h recomputed, W dequantised again."""
+    h = mlp_act_fwd(g, u, act)
+    weights = _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
+                         base_dtype)
+    dh, _, da, db = lora_linear_bwd([dy], h, t, weights, lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
+                                    True)
+    dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))
+    return [dg, du, *da, *db]
+
+
+@qlora_mlp_backward.register_fake
+def _qlora_mlp_backward_fake(dy, g, u, t, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type,
+                             lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype, nested_blocksize):
+    return [g.new_empty(g.shape), u.new_empty(u.shape), *[torch.empty_like(a) for a in lora_a], *[torch.empty_like(b) for b in lora_b]]
+
+
+def _qlora_mlp_setup_context(ctx, inputs, output):
+    (g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias, lora_a, lora_b, scaling,
+     base_dtype, lora_dtype, out_dtype, nested_blocksize) = inputs
+    ctx.n_adapters, ctx.n_state = len(lora_a), len(absmax_8bit)
+    ctx.save_for_backward(g, u, output[1], *packed, *absmax, *absmax_8bit, *absmax_code, *absmax_offset, *lora_a, *lora_b)
+    ctx.config = (act, list(shapes), blocksize, quant_type, list(scaling), base_dtype, lora_dtype, out_dtype, nested_blocksize)
+
+
+def _qlora_mlp_autograd_backward(ctx, grads):
+    g, u, t, packed, absmax, *rest = ctx.saved_tensors
+    n = ctx.n_state
+    absmax_8bit, absmax_code, absmax_offset = list(rest[:n]), list(rest[n : 2 * n]), list(rest[2 * n : 3 * n])
+    adapters = rest[3 * n :]
+    lora_a, lora_b = list(adapters[: ctx.n_adapters]), list(adapters[ctx.n_adapters :])
+    act, shapes, blocksize, quant_type, scaling, base_dtype, lora_dtype, out_dtype, nested_blocksize = ctx.config
+    dy = grads[0] if grads[0] is not None else torch.zeros((*g.shape[:-1], shapes[0]), dtype=out_dtype, device=g.device)
+    out = torch.ops.slothc.qlora_mlp_backward(dy, g, u, t, act, [packed], [absmax], absmax_8bit, absmax_code, absmax_offset, shapes,
+                                              blocksize, quant_type, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype,
+                                              nested_blocksize)
+    dg, du = out[0], out[1]
+    da, db = list(out[2 : 2 + ctx.n_adapters]), list(out[2 + ctx.n_adapters :])
+    state = [None] * n if n else []
+    no_adapters = [] if not ctx.n_adapters else None  # an empty list input needs an empty list back
+    return (dg, du, None, [None], [None], state, list(state), list(state), None, None, None, None, da or no_adapters,
+            db or no_adapters, no_adapters, None, None, None, None)
+
+
+torch.library.register_autograd("slothc::qlora_mlp", _qlora_mlp_autograd_backward, setup_context=_qlora_mlp_setup_context)

@@ -16,7 +16,8 @@ The activation is matched in the spellings Hugging Face's ``ACT2FN`` produces:
 Each activation's derivative comes from its sympy expression (:mod:`slothc.derive`). After the
 LoRA fusion ran, :func:`absorb_down_projections` merges each ``slothc::mlp_act`` whose only user is
 the down projection (a ``slothc::lora_linear`` with one projection, or a plain frozen linear) into
-one ``slothc::mlp``: the intermediate ``h`` is then never kept for the backward.
+one ``slothc::mlp`` (a ``slothc::qlora_linear`` one into ``slothc::qlora_mlp``): the intermediate
+``h`` is then never kept for the backward.
 
 Skipped with the reason: gate and up of different dtypes; unsupported dtypes. Sites where gate and
 up differ in shape (a broadcast product, not an MLP) are not candidates.
@@ -119,6 +120,8 @@ RULES = RuleSet(
 _ACT_OPS = (torch.ops.slothc.mlp_act.default, torch.ops.slothc.mlp_act)
 _LORA_OPS = (torch.ops.slothc.lora_linear.default, torch.ops.slothc.lora_linear)
 _MLP_OP = torch.ops.slothc.mlp.default
+_QLORA_OPS = (torch.ops.slothc.qlora_linear.default, torch.ops.slothc.qlora_linear)
+_QLORA_MLP_OP = torch.ops.slothc.qlora_mlp.default
 _LINEAR = torch._C._nn.linear
 
 
@@ -130,8 +133,9 @@ def _frozen(node) -> bool:
 def absorb_down_projections(graph: Graph, report: Report, graph_index: int = 0) -> int:
     """Merge each ``slothc::mlp_act`` whose only user is its down projection into ``slothc::mlp``.
 
-    The down projection is a ``slothc::lora_linear`` with one projection, or a plain ``linear`` with
-    a frozen weight and bias. The ``mlp`` sites of the report get ``+ down`` in their variant.
+    The down projection is a ``slothc::lora_linear`` with one projection, a ``slothc::qlora_linear``
+    with one (a 4-bit down projection: ``slothc::qlora_mlp``), or a plain ``linear`` with a frozen
+    weight and bias. The ``mlp`` sites of the report get ``+ down`` in their variant.
     Returns the number of merged sites.
     """
     merged = []
@@ -140,7 +144,20 @@ def absorb_down_projections(graph: Graph, report: Report, graph_index: int = 0) 
             continue
         (down,) = act_node.users
         g, u, act = act_node.args
+        op = _MLP_OP
         if (
+            down.op == "call_function" and down.target in _QLORA_OPS and len(down.args) == 19 and down.args[17] is None  # no dropout
+            and down.args[0] is act_node and len(down.args[1]) == 1
+        ):
+            (_, packed, absmax, a8, code, offset, shapes, blocksize, quant_type, (b,), lora_a, lora_b, scaling, _, base, lora, out, _,
+             nested_blocksize) = down.args
+            op = _QLORA_MLP_OP
+            new_args = (g, u, act, list(packed), list(absmax), list(a8), list(code), list(offset), list(shapes), blocksize, quant_type,
+                        b, list(lora_a), list(lora_b), list(scaling), base, lora, out, nested_blocksize)
+            outputs = {user: user.args[1] for user in down.users if user.target is operator.getitem}
+            if set(outputs.values()) - {0, 1} or len(outputs) != len(down.users):
+                continue
+        elif (
             down.op == "call_function" and down.target in _LORA_OPS and len(down.args) == 10  # no separate xa (dropout)
             and down.args[0] is act_node and len(down.args[1]) == 1
         ):
@@ -159,7 +176,7 @@ def absorb_down_projections(graph: Graph, report: Report, graph_index: int = 0) 
         else:
             continue
         with graph.inserting_before(down):
-            node = graph.call_function(_MLP_OP, new_args)
+            node = graph.call_function(op, new_args)
             y = graph.call_function(operator.getitem, (node, 0))
         if not propagate([node, y], down):
             graph.erase_node(y)

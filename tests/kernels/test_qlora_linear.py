@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from slothc import testing
 from slothc.kernels import _launch
 from slothc.kernels import qlora_linear as qmod
+import slothc.kernels.mlp  # noqa: F401  (registers slothc::qlora_mlp)
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = pytest.importorskip("bitsandbytes.functional")
@@ -520,3 +521,97 @@ def test_public_wrappers_read_a_params4bit():
     assert torch.equal(ops.qlora_linear(x, layer.weight, [a], [b], [0.5]), expected)
     with pytest.raises(ValueError, match="expected a bitsandbytes 4-bit weight"):
         ops.qlora_linear(x, torch.randn(40, 128), [a], [b], [0.5])
+
+
+# -- slothc::qlora_mlp: act(g) * u into a 4-bit down projection --------------------------------------
+
+
+@st.composite
+def qlora_mlp_cases(draw):
+    case = draw(qlora_cases())
+    return dict(case, act=draw(st.sampled_from(["silu", "gelu_tanh", "gelu", "relu2"])))
+
+
+def _qlora_mlp_make(case):
+    """(down layer, g, u, lora_a, lora_b): g and u as the gate/up projections give them (x's dtype,
+    or the autocast dtype), the down layer reads the intermediate (k) and writes the hidden size (m)."""
+    layer, x, lora_a, lora_b = _qlora_make(dict(case, need_dx=False))
+    out = _op_dtypes(case["setup"], case["half"])[2]
+    autocast = _setup_dtypes(case["setup"], case["half"])[3]
+    dtype = autocast or out
+    g = testing.make_tensor((*case["lead"], case["k"]), dtype, case["seed"] + 3, device=DEVICE, requires_grad=True)
+    u = testing.make_tensor((*case["lead"], case["k"]), dtype, case["seed"] + 4, device=DEVICE, requires_grad=True)
+    return layer, g, u, lora_a, lora_b
+
+
+def _qlora_mlp_fns(case, layer):
+    from slothc.derive import eager_activation
+
+    n = len(case["adapters"])
+    scaling = [s for _, s in case["adapters"]]
+    base, lora, out = _op_dtypes(case["setup"], case["half"])
+    autocast = _setup_dtypes(case["setup"], case["half"])[3]
+    bias = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
+    w64 = qmod.dequantize_4bit_reference(*layer_args(layer), torch.float32).double()
+    act = eager_activation(case["act"])
+    *state, nested_blocksize = op_args([layer])
+
+    def fused(g, u, *params):
+        with _autocast(autocast):
+            return torch.ops.slothc.qlora_mlp(g, u, case["act"], *state, bias, list(params[:n]), list(params[n:]), scaling, base, lora,
+                                              out, nested_blocksize)[0]
+
+    def eager(g, u, *params):
+        with _autocast(autocast):
+            return peft_qlora(layer, act(g) * u, list(zip(params[:n], params[n:], scaling)))
+
+    def ref(g, u, *params):
+        h = act(g) * u
+        y = F.linear(h, w64, layer.bias.double() if layer.bias is not None else None)
+        for a, b, s in zip(params[:n], params[n:], scaling):
+            y = y + F.linear(F.linear(h, a), b) * s
+        return y
+
+    return fused, eager, ref
+
+
+@given(case=qlora_mlp_cases())
+def test_qlora_mlp_matches_activation_then_peft_4bit_layer(case):
+    layer, g, u, lora_a, lora_b = _qlora_mlp_make(case)
+    fused, eager, ref = _qlora_mlp_fns(case, layer)
+    testing.check_against_eager(fused, eager, g, u, *lora_a, *lora_b, ref_fn=ref, seed=case["seed"])
+
+
+def test_qlora_mlp_keeps_neither_h_nor_w(monkeypatch):
+    """W dequantised once forward, once backward; of the intermediate's size only g and u are saved."""
+    case = dict(_simple(k=192, lead=(2, 5)), act="silu")
+    layer, g, u, lora_a, lora_b = _qlora_mlp_make(case)
+    fused, _, _ = _qlora_mlp_fns(case, layer)
+    calls = []
+    original = qmod.dequantize
+    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(tuple(a[5])) or original(*a, **k))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fused(g, u, *lora_a, *lora_b)
+    assert calls == [(40, 192)]
+    big = [t for t in saved if t.is_floating_point() and t.numel() >= g.numel()]
+    assert len(big) == 2 and big[0] is g and big[1] is u, [t.shape for t in saved]
+    y.float().sum().backward()
+    assert calls == [(40, 192)] * 2 and g.grad is not None and u.grad is not None
+
+
+@pytest.mark.parametrize("n_adapters, nested, bias", [(2, True, True), (1, False, False), (0, True, False)])
+def test_opcheck_qlora_mlp(n_adapters, nested, bias):
+    case = dict(_simple(adapters=[(4, 2.0), (3, 0.5)][:n_adapters], nested=nested, bias=bias, k=128), act="gelu_tanh")
+    layer, g, u, lora_a, lora_b = _qlora_mlp_make(case)
+    *state, nbs = op_args([layer])
+    b = layer.bias.to(layer.compute_dtype) if layer.bias is not None else None
+    dt = (torch.bfloat16,) * 3
+    args = (g, u, "gelu_tanh", *state, b, lora_a, lora_b, [2.0, 0.5][:n_adapters], *dt, nbs)
+    torch.library.opcheck(torch.ops.slothc.qlora_mlp.default, args)
+    y, t = torch.ops.slothc.qlora_mlp(*args)
+    torch.library.opcheck(
+        torch.ops.slothc.qlora_mlp_backward.default,
+        (torch.randn_like(y), g.detach(), u.detach(), t.detach(), "gelu_tanh", *state, [a.detach() for a in lora_a],
+         [b_.detach() for b_ in lora_b], [2.0, 0.5][:n_adapters], *dt, nbs),
+    )

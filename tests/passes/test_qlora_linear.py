@@ -421,3 +421,38 @@ def test_direct_gemm_under_no_grad_is_fused():
     assert [s.variant for s in report.fused["qlora_linear"]] == ["nf4, blocksize 64, no LoRA"], str(report)
     assert not report.skipped, str(report)
     torch.testing.assert_close(out, fn(x))
+
+
+class MLP4bit(torch.nn.Module):
+    """A Llama MLP of 4-bit linears: down(silu(gate(x)) * up(x))."""
+
+    is_loaded_in_4bit = True
+
+    def __init__(self, hidden=64, inter=128):
+        super().__init__()
+        self.gate = linear4bit(hidden, inter, seed=1)
+        self.up = linear4bit(hidden, inter, seed=2)
+        self.down = linear4bit(inter, hidden, seed=3)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("targets_", [["gate", "up", "down"], ["gate", "up"]], ids=["lora_on_down", "down_without_lora"])
+def test_activation_merges_with_the_4bit_down_projection(targets_):
+    """act(g) * u and the 4-bit down projection (with or without LoRA) become slothc::qlora_mlp: h not kept;
+    gate and up read one x: one qlora_linear call."""
+    report, gm = _run(_peft(MLP4bit(), target_modules=targets_), torch.randn(2, 5, 64, requires_grad=True))
+    assert [s.variant for s in report.fused["mlp"]] == ["silu + down"], str(report)
+    assert targets(gm).count(torch.ops.slothc.qlora_mlp.default) == 1 and targets(gm).count(QLORA_OP) == 1, str(report)
+    assert torch.ops.slothc.mlp_act.default not in targets(gm)
+    _no_bnb_left(gm)
+
+
+def test_4bit_down_projection_with_dropout_keeps_its_activation_apart():
+    """A dropout input on the down projection (xa): slothc::qlora_mlp does not take one; the activation
+    op and the QLoRA op stay two."""
+    report, gm = _run(_peft(MLP4bit(), target_modules=["gate", "up", "down"], lora_dropout=0.5), torch.randn(2, 5, 64, requires_grad=True),
+                      seed=3)
+    assert [s.variant for s in report.fused["mlp"]] == ["silu"], str(report)
+    assert torch.ops.slothc.mlp_act.default in targets(gm) and torch.ops.slothc.qlora_mlp.default not in targets(gm)
