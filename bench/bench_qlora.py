@@ -35,8 +35,10 @@ Parts (``--parts``):
   ``eager`` (bitsandbytes + PEFT as they are), ``inductor`` (``torch.compile`` default),
   ``slothc`` and ``slothc_cudagraphs`` (``backend="slothc"`` with ``mode="reduce-overhead"``:
   Inductor records CUDA graphs of the forward and the backward); ``--step-providers`` picks
-  (default eager, slothc, slothc_cudagraphs). With ``--checkpointing`` each also with gradient
-  checkpointing (non-reentrant), as QLoRA recipes run it.
+  (default eager, slothc, slothc_cudagraphs). ``--checkpointing on`` (or ``both``): with gradient
+  checkpointing (non-reentrant), as QLoRA recipes run it. ``--slothc-logits drop``: the slothc
+  variants compute the loss without the logits (``logits="drop"``, for training loops that read
+  ``outputs.loss`` only, as HF's Trainer does).
 """
 
 from __future__ import annotations
@@ -346,7 +348,8 @@ def quantized_model(config, device, seed=0):
     return model
 
 
-def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, providers=("eager", "slothc", "slothc_cudagraphs")):
+def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, providers=("eager", "slothc", "slothc_cudagraphs"),
+               logits="keep"):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -354,7 +357,7 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
 
     config = llama_8b_config(quick)
     batch, seq = (2, 64) if quick else (2, 2048)
-    variants = [(p, ckpt) for ckpt in ((False, True) if checkpointing else (False,)) for p in providers]
+    variants = [(p, ckpt) for ckpt in {"off": (False,), "on": (True,), "both": (False, True)}[checkpointing] for p in providers]
     start = time.time()
     for provider, ckpt in variants:
         if time.time() - start > budget_s:
@@ -377,7 +380,7 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
 
             report = slothc.Report()
             mode = "reduce-overhead" if cudagraphs else "default"
-            run = torch.compile(model, backend="slothc", options={"report": report, "mode": mode})
+            run = torch.compile(model, backend="slothc", options={"report": report, "mode": mode, "logits": logits})
         elif provider == "inductor":
             run = torch.compile(model)
         g = torch.Generator().manual_seed(0)
@@ -420,7 +423,7 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
                           timing=H.Timing(dt * 1e3, dt * 1e3, dt * 1e3, "wall/steps"), tokens_per_s=batch * seq / dt, peak_mem_bytes=peak,
                           peak_all_steps_bytes=peak_all, peak_reserved_bytes=reserved,
                           first_loss=first, last_loss=float(losses[-1]), first_step_s=compile_s, steps=steps,
-                          gradient_checkpointing=ckpt, fused=fused, skipped=skipped, graphs=report.graphs if report else None,
+                          gradient_checkpointing=ckpt, logits=logits if provider.startswith("slothc") else "keep", fused=fused, skipped=skipped, graphs=report.graphs if report else None,
                           model="llama-3.1-8b shape" if not quick else "tiny")
             print(f"[step {provider} ckpt={ckpt}] {dt * 1e3:.1f} ms/step {batch * seq / dt:.0f} tokens/s peak "
                   f"{(peak or 0) / 2**30:.2f} GiB (all steps {(peak_all or 0) / 2**30:.2f}, reserved {(reserved or 0) / 2**30:.2f}) first step {compile_s:.1f} s loss {first:.4f} -> {float(losses[-1]):.4f} fused {fused}",
@@ -442,7 +445,9 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU (Triton kernels interpreted)")
     p.add_argument("--rep-ms", type=float, default=None)
-    p.add_argument("--checkpointing", action="store_true", help="step: also with gradient checkpointing")
+    p.add_argument("--checkpointing", choices=("off", "on", "both"), default="off", help="step: gradient checkpointing (non-reentrant)")
+    p.add_argument("--slothc-logits", choices=("keep", "drop"), default="keep",
+                   help="step: the slothc variants' logits option (drop: the loss only, as HF's Trainer reads it)")
     p.add_argument("--steps", type=int, default=None, help="step: timed steps (default 5; quick 2)")
     p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first (the first compiles)")
     p.add_argument("--step-providers", nargs="+", default=["eager", "slothc", "slothc_cudagraphs"], choices=list(STEP_PROVIDERS))
@@ -472,7 +477,7 @@ def main(argv=None):
             bench_linear(rec, device, args.quick, rep_ms, args.out)
         elif part == "step":
             bench_step(rec, device, args.quick, args.checkpointing, args.steps or (2 if args.quick else 5), args.warmup,
-                       args.step_budget_s, args.step_providers)
+                       args.step_budget_s, args.step_providers, args.slothc_logits)
         if part != "linear":
             _write(args.out, rec.rows[n:])
     H.finish(rec, "qlora (NF4, double quant, blocksize 64)", args.table)
