@@ -22,6 +22,7 @@ from slothc.kernels import _launch
 from slothc.kernels import qlora_linear as qmod
 from tests.e2e.test_tiny_models import DEVICE, LAYERS, SCALAR_AUTOCAST_FLOOR, _assert_close_to_reference, _batch, _step
 from tests.helpers import count_calls
+from tests.kernels.test_qlora_linear import bitsandbytes_training_path
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -30,6 +31,14 @@ bnb = pytest.importorskip("bitsandbytes")
 CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                      vocab_size=128)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _training_path():
+    # eager bitsandbytes as at training sizes (dequantise, then F.linear), the formula the op
+    # reproduces; tiny batches would take its own 4-bit kernel on CUDA (tests/kernels/test_qlora_linear.py)
+    with bitsandbytes_training_path():
+        yield
 
 
 @pytest.fixture(scope="module")
