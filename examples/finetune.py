@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], help="slothc's inner compiler")
+    p.add_argument("--mode", choices=["default", "reduce-overhead"], default="default",
+                   help="Inductor's mode for slothc; reduce-overhead records CUDA graphs (GPU; one per batch shape)")
     p.add_argument("--trainer", choices=["sft", "hf"], default="sft",
                    help="trl's SFTTrainer (default; its own chunked loss) or transformers' Trainer (the model's loss)")
     p.add_argument("--logits", choices=["keep", "drop"], default="keep",
@@ -186,7 +188,7 @@ def train(args, backend: str) -> dict:
     model = make_model(args, tokenizer)
     reports = ReportCollector()
     if backend == "slothc":
-        options = {"report": True, "logits": args.logits}  # each graph's fusion report, collected below
+        options = {"report": True, "logits": args.logits, "mode": args.mode}  # each graph's fusion report, collected below
         if args.inner:
             options["inner"] = args.inner
         model.compile(backend="slothc", options=options)
