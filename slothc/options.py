@@ -43,9 +43,9 @@ import dataclasses
 from typing import Any, Mapping
 
 # One name per fusion: option key, report key and op name ``slothc::<name>``.
-FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy")
+FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy", "causal_mask")
 # The fusions this version ships; the others are reserved names.
-IMPLEMENTED = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy")
+IMPLEMENTED = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy", "causal_mask")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 LOGITS_MODES = ("keep", "drop")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -22,7 +22,7 @@ from slothc.report import Report
 
 @functools.lru_cache(None)
 def fusion_passes() -> tuple:
-    from slothc.passes import layer_norm, linear_cross_entropy, lora_linear, mlp, qlora_linear, rms_norm, rope
+    from slothc.passes import causal_mask, layer_norm, linear_cross_entropy, lora_linear, mlp, qlora_linear, rms_norm, rope
 
     return (
         ("rms_norm", rms_norm.RULES, None, None),
@@ -33,6 +33,8 @@ def fusion_passes() -> tuple:
         ("lora_linear", lora_linear.RULES, None, lora_linear.finish_graph),
         ("mlp", mlp.RULES, None, mlp.finish_graph),
         ("linear_cross_entropy", linear_cross_entropy.RULES, None, None),
+        # no patterns: an SDPA mask that is the causal one, evaluated at compile time
+        ("causal_mask", causal_mask.RULES, causal_mask.prepare, None),
     )
 
 

@@ -1,0 +1,165 @@
+"""The causal_mask pass: an SDPA mask that is provably the causal one becomes is_causal=True.
+
+transformers <= 5.17 (and later ones with torch < 2.14) build the mask explicitly while compiling;
+transformers 5.24 with torch 2.13 (CI) takes its shortcut and passes no mask. ``like_517`` makes the
+installed version build the mask as 5.17 does (its ``_ignore_causal_mask_sdpa`` returns False under
+tracing), so the pass sees the graph the GPU machine's transformers gives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slothc
+from slothc import tiny
+from slothc.passes import causal_mask
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+@pytest.fixture
+def like_517(monkeypatch):
+    import transformers.masking_utils as mu
+
+    original = mu._ignore_causal_mask_sdpa
+
+    def never_while_compiling(padding_mask, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return False
+        return original(padding_mask, *args, **kwargs)
+
+    monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", never_while_compiling)
+
+
+def _capture(fn, *args, options=None, dynamic=None, **kwargs):
+    """(report, [graphs after the passes], output) of ``fn`` compiled with slothc (inner eager)."""
+    report, graphs = slothc.Report(), []
+
+    def backend(gm, example_inputs):
+        from slothc.backend import compile_graph
+        from slothc.options import Options
+
+        out = compile_graph(gm, example_inputs, Options.from_dict({"inner": "eager", **(options or {})}), report)
+        graphs.append(gm)
+        return out
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(fn, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return report, graphs, out
+
+
+def _sdpa_calls(gm):
+    return [n for n in gm.graph.nodes if n.target is SDPA]
+
+
+def _model(arch="llama", **overrides):
+    model = tiny.tiny_model(arch, layers=2, **overrides)
+    model.config._attn_implementation = "sdpa"
+    return model.train()
+
+
+def test_explicit_causal_mask_becomes_is_causal(like_517):
+    model = _model()
+    batch = tiny.sample_batch(model.config, seq=12)
+    del batch["attention_mask"]
+    eager = model(**batch)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    report, graphs, out = _capture(model, **batch)
+    assert report.count("causal_mask") == 2, str(report)
+    calls = _sdpa_calls(graphs[0])
+    assert len(calls) == 2 and all(n.kwargs["is_causal"] is True and n.kwargs["attn_mask"] is None for n in calls)
+    assert not [n for n in graphs[0].graph.nodes if n.target in (torch.Tensor.expand, "expand") and "mask" in n.name]
+    torch.testing.assert_close(out.loss, eager.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], msg=name)
+
+
+def test_a_mask_from_the_attention_mask_input_is_reported(like_517):
+    model = _model()
+    batch = tiny.sample_batch(model.config, seq=12)  # attention_mask of ones, as a training loop passes it
+    report, graphs, _ = _capture(model, **batch)
+    assert report.count("causal_mask") == 0
+    assert [s.reason for s in report.skipped if s.fusion == "causal_mask"] == [causal_mask.READS_INPUT] * 2, str(report)
+    assert all(n.kwargs.get("attn_mask") is not None for n in _sdpa_calls(graphs[0]))
+
+
+def test_sliding_window_is_not_the_causal_mask(like_517):
+    model = _model("mistral", sliding_window=4)
+    batch = tiny.sample_batch(model.config, seq=12)
+    del batch["attention_mask"]
+    report, _, out = _capture(model, **batch)
+    torch.testing.assert_close(out.loss, model(**batch).loss)
+    assert report.count("causal_mask") == 0
+    assert {s.reason for s in report.skipped if s.fusion == "causal_mask"} == {causal_mask.NOT_CAUSAL}, str(report)
+
+
+def test_disabled_by_option(like_517):
+    model = _model()
+    batch = tiny.sample_batch(model.config, seq=12)
+    del batch["attention_mask"]
+    report, graphs, _ = _capture(model, **batch, options={"causal_mask": False})
+    assert report.count("causal_mask") == 0 and not [s for s in report.skipped if s.fusion == "causal_mask"]
+    assert all(n.kwargs.get("attn_mask") is not None for n in _sdpa_calls(graphs[0]))
+
+
+def _attention(mask_fn):
+    def fn(q, k, v):
+        n = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(n, q), is_causal=False)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "name, mask_fn, fused",
+    [
+        ("bool", lambda n, q: torch.arange(n)[None, :] <= torch.arange(n)[:, None], True),
+        ("tril", lambda n, q: torch.ones(n, n, dtype=torch.bool).tril(), True),
+        ("additive_inf", lambda n, q: torch.full((n, n), -math.inf).triu(1), True),
+        ("additive_min", lambda n, q: torch.full((n, n), torch.finfo(torch.float32).min).triu(1), True),
+        ("soft_bias", lambda n, q: torch.full((n, n), -math.inf).triu(1) + 0.5, False),
+        ("upper", lambda n, q: torch.ones(n, n, dtype=torch.bool).triu(), False),
+        ("window", lambda n, q: torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(-3), False),
+    ],
+)
+def test_mask_spellings(name, mask_fn, fused):
+    q, k, v = (torch.randn(2, 3, 8, 16) for _ in range(3))
+    fn = _attention(mask_fn)
+    report, graphs, out = _capture(fn, q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v))
+    assert report.count("causal_mask") == int(fused), str(report)
+    if not fused:
+        assert [s.reason for s in report.skipped] == [causal_mask.NOT_CAUSAL], str(report)
+
+
+@pytest.mark.parametrize("diagonal, fused", [(0, True), (2, False)], ids=["top_left", "bottom_right"])
+def test_query_and_key_lengths_differ(diagonal, fused):
+    """SDPA's is_causal aligns to the top left: that mask is fused; a cache's bottom-right one is not."""
+    q, k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+
+    def fn(q, k, v):
+        mask = torch.ones(4, 6, dtype=torch.bool).tril(diagonal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    report, _, out = _capture(fn, q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v))
+    assert report.count("causal_mask") == int(fused)
+    assert [s.reason for s in report.skipped] == ([] if fused else [causal_mask.NOT_CAUSAL])
+
+
+def test_dynamic_sizes_are_reported():
+    q, k, v = (torch.randn(2, 3, 8, 16) for _ in range(3))
+    fn = _attention(lambda n, q: torch.arange(n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None])
+    report, _, out = _capture(fn, q, k, v, dynamic=True)
+    torch.testing.assert_close(out, fn(q, k, v))
+    assert [s.reason for s in report.skipped] == [causal_mask.DYNAMIC], str(report)
