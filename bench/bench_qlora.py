@@ -417,7 +417,7 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
             dt = (time.time() - t0) / steps
             peak = torch.cuda.max_memory_allocated() if cuda else None
             reserved = max(reserved, torch.cuda.max_memory_reserved()) if cuda else None
-            fused = {k: report.count(k) for k in ("qlora_linear", "rms_norm", "rope", "mlp", "linear_cross_entropy")} if report else None
+            fused = {k: report.count(k) for k in ("qlora_linear", "rms_norm", "rope", "mlp", "linear_cross_entropy", "causal_mask")} if report else None
             skipped = [f"{s.fusion} {s.module}: {s.reason}" for s in report.skipped][:20] if report else None
             row = rec.add(op="qlora_step", provider=provider, mode="step", shape=(batch, seq), dtype=torch.bfloat16,
                           timing=H.Timing(dt * 1e3, dt * 1e3, dt * 1e3, "wall/steps"), tokens_per_s=batch * seq / dt, peak_mem_bytes=peak,

@@ -4,6 +4,7 @@
     slothc explain --arch gemma2 --layers 1 --autocast bf16 --inner aot_eager
     slothc explain --arch qwen3 --option rms_norm=false
     slothc explain --arch llama --load-in-4bit      # QLoRA: the linears quantised by bitsandbytes (NF4)
+    slothc bench --workload a                       # the end-to-end training-step benchmark (GPU)
 
 Each subcommand is an ``argparse`` sub-parser plus one ``_<name>(args) -> int`` function, registered in
 ``COMMANDS``; ``main`` parses, dispatches and returns the exit status (0 ok, 1 the run failed, 2 bad
@@ -139,7 +140,41 @@ def _summary(args, report, device, seconds: float) -> str:
 # --------------------------------------------------------------------------------------------------
 # plumbing
 
-COMMANDS = (_explain_parser,)  # later: coverage, bench
+def _bench_parser(sub) -> None:
+    from slothc import train_bench
+
+    p = sub.add_parser(
+        "bench",
+        help="end-to-end LoRA/QLoRA training step: slothc against eager, Inductor, Liger-Kernel and Unsloth",
+        description=train_bench.__doc__.split("\n\n")[0],
+    )
+    train_bench.parser(p)
+    p.set_defaults(run=_bench)
+
+
+def _bench(args, parser) -> int:
+    from slothc import train_bench
+
+    return train_bench.main(_bench_argv(args))
+
+
+def _bench_argv(args) -> list:
+    out = ["--workload", *args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--max-seq-budget-s", str(args.max_seq_budget_s), "--variant-timeout-s", str(args.variant_timeout_s)]
+    if args.variants:
+        out += ["--variants", *args.variants]
+    if args.device:
+        out += ["--device", args.device]
+    if args.max_seq:
+        out.append("--max-seq")
+    if args.profile:
+        out.append("--profile")
+    if args.out_dir:
+        out += ["--out-dir", args.out_dir]
+    return out
+
+
+COMMANDS = (_explain_parser, _bench_parser)  # later: coverage
 
 
 class _Usage(Exception):

@@ -1,0 +1,514 @@
+"""The end-to-end benchmark: a full LoRA/QLoRA training step, slothc against what users would pick instead.
+
+    python bench/train_step.py --workload a                 # GPU: Llama-3.2-1B shape, bf16 LoRA, 4 x 2048
+    slothc bench --workload b --variants eager slothc       # the same, as a command
+    slothc bench --workload tiny --device cpu               # a CPU smoke run (what CI runs)
+
+One step = forward, backward and an AdamW step on the adapters, under bf16 autocast with fp32
+adapters (PEFT's default, how HF's Trainer runs ``bf16=True``). The model is built from a config
+with random weights (no download), saved once to a folder, and every variant loads that folder in
+**its own process** (so that the memory figures do not mix), with the same seed and the same
+batches (random tokens from a fixed generator).
+
+Variants (``--variants``):
+
+- ``eager``: transformers + PEFT as they are (SDPA attention);
+- ``inductor``: ``torch.compile(model)``;
+- ``liger``: Liger-Kernel's ``_apply_liger_kernel(model_type)`` before the model is built, where it
+  supports the architecture;
+- ``slothc``: ``torch.compile(model, backend="slothc", options={"logits": "drop"})`` (the step
+  reads the loss only, as HF's Trainer does); ``slothc_cudagraphs``: the same with
+  ``mode="reduce-overhead"``;
+- ``unsloth``: ``FastLanguageModel.from_pretrained(folder, load_in_16bit=True or load_in_4bit=True,
+  use_gradient_checkpointing=False)`` and its ``get_peft_model``, where it imports; otherwise the
+  variant records why.
+
+Figures per variant: ``tokens_per_s`` (median step time over ``--steps`` steps after ``--warmup``),
+``peak_gib`` (``torch.cuda.max_memory_allocated`` over all steps; ``reserved_gib`` next to it:
+CUDA graphs keep their pool reserved), ``compile_s`` (the first step's time less a median step),
+``mfu`` (below), ``losses`` (every step's; they must agree with eager's: ``loss_vs_eager``), and with
+``--max-seq`` the longest sequence that fits at batch 1 (doubling from the workload's length, then
+bisection to a multiple of 256, bounded by ``--max-seq-budget-s``).
+
+MFU = tokens/s x FLOPs per token / the bf16 matmul peak measured in the same run (an 8192^3
+``torch.mm``), with FLOPs per token of a LoRA step (frozen base weights: no weight gradient)::
+
+    4 N_frozen + 6 N_lora + 6 L s D
+
+(causal attention: QK^T and PV are 2 s D FLOPs each a token in the forward, halved by the mask, so
+2 s D; the backward twice the forward).
+
+``N_frozen``: the matmul weights of the decoder and the lm_head (forward 2N, dX 2N); ``N_lora``: the
+adapters (forward, dX, dW: 6N); ``L`` layers, ``s`` the sequence length, ``D`` = heads x head dim.
+
+Results: ``<out-dir>/<date>-<device>-train.json`` (``{"device", "versions", "workload", "variants":
+{name: {...}}}``, one file per workload run: ``-train-<workload>.json``) and a Markdown table next to
+it, with ratios against eager and against the best peer. ``--profile`` adds a ``torch.profiler``
+table of the slothc step's top kernels, with the share of slothc's own kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+VARIANTS = ("eager", "inductor", "liger", "slothc", "slothc_cudagraphs", "unsloth")
+PEERS = ("eager", "inductor", "liger", "unsloth")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    arch: str
+    config: dict
+    batch: int
+    seq: int
+    qlora: bool = False
+    description: str = ""
+
+
+def _llama(hidden, inter, layers, heads, kv, vocab, tie, rope_theta=500000.0):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tie, rope_theta=rope_theta,
+                max_position_embeddings=131072, rms_norm_eps=1e-5)
+
+
+WORKLOADS = {
+    "a": Workload("a", "llama", _llama(2048, 8192, 16, 32, 8, 128256, True), 4, 2048,
+                  description="Llama-3.2-1B shape, bf16 LoRA r=16 on all linear layers, batch 4 x 2048"),
+    "b": Workload("b", "llama", _llama(4096, 14336, 32, 32, 8, 128256, False), 2, 2048, qlora=True,
+                  description="Llama-3.1-8B shape, NF4 QLoRA (double quant) r=16, batch 2 x 2048"),
+    "c": Workload("c", "gemma2", dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                                      num_key_value_heads=4, head_dim=256, vocab_size=256000, query_pre_attn_scalar=256,
+                                      sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                      max_position_embeddings=8192), 2, 2048,
+                  description="Gemma-2-2B shape (soft-capping, 256k vocabulary), bf16 LoRA r=16, batch 2 x 2048"),
+    "tiny": Workload("tiny", "llama", _llama(64, 128, 2, 4, 2, 256, False), 2, 32,
+                     description="tiny Llama (CPU smoke run)"),
+    "tiny4bit": Workload("tiny4bit", "llama", _llama(64, 128, 2, 4, 2, 256, False), 2, 32, qlora=True,
+                         description="tiny Llama, NF4 QLoRA (CPU smoke run)"),
+}
+RANK, ALPHA = 16, 32
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_token(config, seq: int, n_lora: int) -> float:
+    """Model FLOPs of one token of a LoRA training step (module docstring)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, layers = text.hidden_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = getattr(text, "num_key_value_heads", heads) or heads
+    inter = text.intermediate_size
+    per_layer = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    n_frozen = layers * per_layer + text.vocab_size * hidden
+    attention = 6 * layers * seq * heads * head_dim
+    return 4 * n_frozen + 6 * n_lora + attention
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: build and save the model once, run each variant in its own process
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "triton", "transformers", "peft", "liger_kernel", "unsloth", "bitsandbytes", "trl", "slothc"):
+        try:
+            out[name] = md.version(name.replace("_", "-"))
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def save_model(workload: Workload, folder: str, seed: int = 0) -> None:
+    """The workload's model with random bf16 weights, and a tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(workload.arch, **workload.config)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    _save_tokenizer(folder, config.vocab_size)
+
+
+def _save_tokenizer(folder: str, vocab: int) -> None:
+    """A word-level tokenizer of ``vocab`` tokens (Unsloth's loader wants one next to the model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1", bos_token="t2").save_pretrained(folder)
+
+
+def run_workload(workload: Workload, variants, args) -> dict:
+    device = args.device
+    with tempfile.TemporaryDirectory(prefix=f"slothc-train-{workload.name}-") as folder:
+        print(f"[{workload.name}] {workload.description}: saving the random model", flush=True)
+        save_model(workload, folder)
+        results = {}
+        for variant in variants:
+            t0 = time.time()
+            print(f"[{workload.name}] {variant}: starting (own process)", flush=True)
+            results[variant] = _child(workload, variant, folder, args)
+            r = results[variant]
+            if r.get("tokens_per_s"):
+                peak = f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
+                detail = f", {r['tokens_per_s']:.0f} tokens/s{peak}, losses {', '.join(f'{x:.4f}' for x in r['losses'][:3])}"
+            else:
+                detail = f" ({r.get('reason', '')[:300]})"
+            print(f"[{workload.name}] {variant}: {r.get('status')}{detail} in {time.time() - t0:.0f} s", flush=True)
+    _compare_losses(results)
+    return {"device": _device_name(device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
+            "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup}
+
+
+def _child(workload, variant, folder, args) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, "-m", "slothc.train_bench", "--child", variant, "--folder", folder, "--workload", workload.name,
+               "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", out.name]
+        if args.max_seq:
+            cmd += ["--max-seq", "--max-seq-budget-s", str(args.max_seq_budget_s)]
+        if args.profile and variant == "slothc":
+            cmd += ["--profile"]
+        try:
+            proc = subprocess.run(cmd, timeout=args.variant_timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "reason": f"timed out after {args.variant_timeout_s} s"}
+        text = open(out.name).read()
+        if text.strip():
+            return json.loads(text)
+        tail = (proc.stderr or proc.stdout or "")[-1500:]
+        return {"status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.machine()})"
+
+
+def _compare_losses(results: dict) -> None:
+    eager = results.get("eager", {}).get("losses")
+    for name, r in results.items():
+        if eager and r.get("losses"):
+            n = min(len(eager), len(r["losses"]))
+            r["loss_vs_eager"] = max(abs(a - b) for a, b in zip(eager[:n], r["losses"][:n]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The child: one variant
+
+
+def _load(workload: Workload, variant: str, folder: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = None
+    if workload.qlora:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    if variant == "unsloth":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(folder, load_in_4bit=workload.qlora, load_in_16bit=not workload.qlora,
+                                                     use_gradient_checkpointing=False, max_seq_length=workload.seq)
+        model = FastLanguageModel.get_peft_model(
+            model, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, use_gradient_checkpointing=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+        return model
+    if variant == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel
+
+        _apply_liger_kernel(workload.arch)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa", quantization_config=quant,
+                                                 device_map={"": device})
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"))
+    model.config.use_cache = False
+    return model
+
+
+def _compile(model, variant: str):
+    import torch
+
+    if variant == "inductor":
+        return torch.compile(model), None
+    if variant.startswith("slothc"):
+        import slothc
+
+        report = slothc.Report()
+        options = {"logits": "drop", "report": report}
+        if variant == "slothc_cudagraphs":
+            options["mode"] = "reduce-overhead"
+        return torch.compile(model, backend="slothc", options=options), report
+    return model, None
+
+
+def _batches(vocab: int, batch: int, seq: int, n: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(n)]
+
+
+def _stepper(run, model, device, cudagraphs: bool):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+    def step(ids):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast:
+            loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # a sync a step: the step time is the wall time between syncs
+
+    return step
+
+
+def child_main(args) -> dict:
+    import torch
+
+    workload = WORKLOADS[args.workload]
+    variant = args.child
+    cuda = args.device.startswith("cuda")
+    out: dict = {"status": "ok"}
+    try:
+        torch.manual_seed(0)
+        model = _load(workload, variant, args.folder, args.device)
+        model.train()
+        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run, report = _compile(model, variant)
+        step = _stepper(run, model, args.device, variant == "slothc_cudagraphs")
+        vocab = model.config.vocab_size
+        batches = _batches(vocab, workload.batch, workload.seq, args.warmup + args.steps, args.device)
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        times, losses = [], []
+        for ids in batches:
+            t0 = time.perf_counter()
+            losses.append(step(ids))
+            times.append(time.perf_counter() - t0)
+        timed = times[args.warmup:]
+        median = statistics.median(timed)
+        tokens = workload.batch * workload.seq
+        out.update(tokens_per_s=tokens / median, step_ms=median * 1e3, compile_s=max(times[0] - median, 0.0), losses=losses,
+                   n_lora=n_lora)
+        if cuda:
+            out.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+            peak = matmul_peak_tflops()
+            out.update(matmul_peak_tflops=peak, mfu=tokens / median * flops_per_token(model.config, workload.seq, n_lora) / (peak * 1e12))
+        else:
+            out.update(peak_gib=None, reserved_gib=None, mfu=None)
+        if report is not None:
+            out["fused"] = {k: v for k, v in ((f, report.count(f)) for f in report.fused) if v}
+            out["skipped"] = [f"{s.fusion} {s.module}: {s.reason}" for s in report.skipped][:30]
+            out["graphs"] = report.graphs
+        if args.profile:
+            out["profile"] = profile_step(step, batches[-1])
+        if args.max_seq:
+            out["max_seq"] = max_seq(step, vocab, workload.seq, args.device, args.max_seq_budget_s)
+    except ImportError as e:
+        out = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"[:600]}
+    except Exception as e:  # noqa: BLE001  (recorded, and the next variant runs)
+        out = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-2000:]}
+    return out
+
+
+def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
+    """The bf16 ``torch.mm`` rate (TFLOP/s, median of ``reps``) on the current GPU."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return 2 * size**3 / statistics.median(ts) / 1e12
+
+
+_SLOTHC_KERNELS = ("_rms_norm", "_layer_norm", "_rope", "_dequantize_4bit", "_mlp_", "_cross_entropy", "_lce", "slothc")
+
+
+def profile_step(step, ids, top: int = 25) -> dict:
+    """Top kernels of two profiled steps by GPU time, and the share of slothc's own kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step(ids)
+    rows = []
+    total = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((ev.key, t / 2e3, ev.count // 2))
+            total += t / 2e3
+    rows.sort(key=lambda r: -r[1])
+    ours = sum(t for k, t, _ in rows if any(s in k for s in _SLOTHC_KERNELS))
+    return {"gpu_ms_per_step": total, "slothc_kernels_ms": ours, "top": [{"kernel": k[:120], "ms": t, "calls": c} for k, t, c in rows[:top]]}
+
+
+def max_seq(step, vocab: int, start: int, device: str, budget_s: float) -> dict:
+    """The longest sequence that trains at batch 1: doubling from ``start``, then bisection to 256."""
+    import torch
+
+    t0 = time.time()
+
+    def fits(seq):
+        ids = torch.randint(0, vocab, (1, seq), device=device)
+        try:
+            step(ids)
+            step(ids)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    lo, hi, seq = 0, None, start
+    while time.time() - t0 < budget_s:
+        if fits(seq):
+            lo, seq = seq, seq * 2
+        else:
+            hi = seq
+            break
+    while hi is not None and hi - lo > 256 and time.time() - t0 < budget_s:
+        mid = (lo + hi) // 2 // 256 * 256
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"max_seq": lo, "upper_bound": hi, "search_s": time.time() - t0, "complete": hi is not None and hi - lo <= 256}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def markdown(result: dict) -> str:
+    w, v = result["workload"], result["variants"]
+    ok = {k: r for k, r in v.items() if r.get("status") == "ok"}
+    eager = ok.get("eager", {}).get("tokens_per_s")
+    peers = [k for k in PEERS if k in ok and k != "eager"] + (["eager"] if "eager" in ok else [])
+    best_peer = max(peers, key=lambda k: ok[k]["tokens_per_s"]) if peers else None
+    lines = [f"### Workload {w['name']}: {w['description']}", "",
+             f"{result['device']}; " + ", ".join(f"{k} {x}" for k, x in result["versions"].items() if x) + f"; {result['date']}",
+             f"median of {result['steps']} steps after {result['warmup']} warm-up; peak = max_memory_allocated over all steps", "",
+             "| variant | tokens/s | x eager | x best peer | peak GiB | reserved GiB | MFU | compile s | loss vs eager | max seq |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def f(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+    for name, r in v.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('reason', '')[:160]} | | | | | | | | |")
+            continue
+        tps = r["tokens_per_s"]
+        vs_best = tps / ok[best_peer]["tokens_per_s"] if best_peer and name not in PEERS else None
+        ms = r.get("max_seq", {}) or {}
+        lines.append(f"| {name} | {tps:.0f} | {f(tps / eager if eager else None, '.2f')} | {f(vs_best, '.2f')} | {f(r.get('peak_gib'), '.2f')} | "
+                     f"{f(r.get('reserved_gib'), '.2f')} | {f(r.get('mfu'), '.1%')} | {f(r.get('compile_s'), '.0f')} | "
+                     f"{f(r.get('loss_vs_eager'), '.2e')} | {ms.get('max_seq', '-') if ms else '-'} |")
+    if best_peer:
+        lines += ["", f"best peer by tokens/s: {best_peer}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", nargs="+", default=["a"], choices=list(WORKLOADS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default: all on CUDA; eager, inductor and slothc on the CPU")
+    p.add_argument("--device", default=None, help="default cuda when there is one")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
+    p.add_argument("--max-seq", action="store_true", help="also search the longest sequence at batch 1")
+    p.add_argument("--max-seq-budget-s", type=float, default=240.0)
+    p.add_argument("--profile", action="store_true", help="profile the slothc step (top kernels)")
+    p.add_argument("--variant-timeout-s", type=float, default=900.0, help="a variant's process is stopped after this long")
+    p.add_argument("--out-dir", default=None, help="where the JSON and Markdown go (default: print only)")
+    # the child process
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.child:
+        args.workload = args.workload[0]
+        result = child_main(args)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+        return 0
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    variants = args.variants or (list(VARIANTS) if cuda else ["eager", "inductor", "slothc"])
+    status = 0
+    for name in args.workload:
+        result = run_workload(WORKLOADS[name], variants, args)
+        table = markdown(result)
+        print(table, flush=True)
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            tag = "cpu" if not cuda else result["device"].split()[-1].lower()
+            stem = os.path.join(args.out_dir, f"{result['date']}-{tag}-train-{name}")
+            with open(stem + ".json", "w") as f:
+                json.dump(result, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(table)
+            print(f"wrote {stem}.json and .md", flush=True)
+        if any(r.get("status") == "error" for r in result["variants"].values()):
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
