@@ -257,8 +257,16 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
                 db.append(torch.zeros_like(lora_b[i]))
                 continue
             gs.append(dyl @ _scaled_b(lora_b, scaling, i, lora_dtype))
-            db_i = (dyl.t() @ t[:, offsets[i] : offsets[i + 1]]).to(lora_b[i].dtype)
-            db.append(db_i.mul_(scaling[i]) if scaling[i] != 1.0 else db_i)
+            t_i = t[:, offsets[i] : offsets[i + 1]]
+            if scaling[i] != 1.0:
+                # s dY^T T rounded once: the BLAS scales its fp32 accumulator (alpha; beta = 0
+                # ignores the uninitialised input), where the product rounded and then scaled would
+                # round twice (a bf16 ulp off eager's on a small sum; found on the GPU)
+                db_i = torch.empty((dyl.shape[1], t_i.shape[1]), dtype=lora_dtype, device=t.device)
+                torch.addmm(db_i, dyl.t(), t_i, beta=0, alpha=scaling[i], out=db_i)
+            else:
+                db_i = dyl.t() @ t_i
+            db.append(db_i.to(lora_b[i].dtype))
         g_all = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)) if r_total else None
         da = []
         if r_total:
