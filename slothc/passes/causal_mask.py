@@ -35,7 +35,7 @@ import torch
 from torch.fx import Graph, Node
 
 from slothc.passes.matcher import RuleSet
-from slothc.passes.meta import val
+from slothc.passes.meta import graphs, val
 from slothc.report import Site, Skip, module_path
 
 READS_INPUT = "the mask reads a graph input (an attention_mask: padding cannot be ruled out at compile time)"
@@ -58,16 +58,33 @@ def _bound(node: Node) -> dict:
     return args
 
 
-def _ancestors(node: Node) -> list:
-    """``node`` and every node it depends on, in graph order."""
+def _outer_inputs(gm) -> dict:
+    """Placeholder of a nested body (gradient checkpointing's ``tag_activation_checkpoint``, ``wrap``)
+    -> the node its caller passes there, for every body nested in ``gm``."""
+    out: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.args and isinstance(node.args[0], Node) and node.args[0].op == "get_attr":
+            body = getattr(gm, node.args[0].target, None)
+            if isinstance(body, torch.fx.GraphModule):
+                holders = [n for n in body.graph.nodes if n.op == "placeholder"]
+                operands = node.args[1:]
+                if len(holders) == len(operands):
+                    out.update({h: o for h, o in zip(holders, operands) if isinstance(o, Node)})
+                out.update(_outer_inputs(body))
+    return out
+
+
+def _ancestors(node: Node, outer: dict) -> list:
+    """``node`` and every node it depends on (through a body's placeholder to its caller's operand)."""
     seen, work = {node}, [node]
     while work:
-        for d in work.pop().all_input_nodes:
+        n = work.pop()
+        inputs = [outer[n]] if n in outer else n.all_input_nodes
+        for d in inputs:
             if d not in seen:
                 seen.add(d)
                 work.append(d)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted(seen, key=order.__getitem__)
+    return [n for n in seen if n not in outer]
 
 
 def _static(v) -> bool:
@@ -86,30 +103,35 @@ def _to_cpu(a):
     return a
 
 
-def _evaluate(nodes: list):
-    """Run ``nodes`` (constants only) on the CPU; the last one's value."""
+def _evaluate(node: Node, outer: dict):
+    """``node``'s value, its inputs (constants only) computed on the CPU, depth first."""
     env: dict = {}
 
-    def load(a):
-        return torch.fx.node.map_arg(a, lambda n: env[n])
-
-    for n in nodes:
-        args, kwargs = _to_cpu(load(n.args)), _to_cpu(load(n.kwargs))
+    def value(n):
+        if n in env:
+            return env[n]
+        if n in outer:
+            env[n] = value(outer[n])
+            return env[n]
+        args = _to_cpu(torch.fx.node.map_arg(n.args, value))
+        kwargs = _to_cpu(torch.fx.node.map_arg(n.kwargs, value))
         if n.op == "call_function":
             env[n] = n.target(*args, **kwargs)
         elif n.op == "call_method":
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
         else:
             raise TypeError(f"cannot evaluate {n.op}")
-    return env[nodes[-1]]
+        return env[n]
+
+    return value(node)
 
 
-def _reason(node: Node, mask: Node) -> str | None:
+def _reason(node: Node, mask: Node, outer: dict) -> str | None:
     args = _bound(node)
     q, k = val(args["query"]), val(args["key"])
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
         return NOT_EVALUATED
-    nodes = _ancestors(mask)
+    nodes = _ancestors(mask, outer)
     # Sizes first: with dynamic shapes the mask reads a size input (or a tensor's size), not values.
     if not all(_static(val(n)) for n in nodes) or not (_static(q) and _static(k)):
         return DYNAMIC
@@ -120,7 +142,7 @@ def _reason(node: Node, mask: Node) -> str | None:
     q_len, kv_len = q.shape[-2], k.shape[-2]
     try:
         with torch.no_grad():
-            m = _evaluate(nodes)
+            m = _evaluate(mask, outer)
     except Exception:  # noqa: BLE001  (an op the CPU evaluation does not take: reported, left alone)
         return NOT_EVALUATED
     if not isinstance(m, torch.Tensor) or m.dim() < 2 or tuple(m.shape[-2:]) != (q_len, kv_len):
@@ -140,30 +162,36 @@ def _reason(node: Node, mask: Node) -> str | None:
     return None
 
 
-def _erase_unused(nodes: list, graph: Graph) -> None:
-    for n in reversed(nodes):
+def _erase_unused(nodes: list) -> None:
+    for n in sorted(nodes, key=lambda n: -list(n.graph.nodes).index(n)) if len(nodes) < 512 else ():
         if not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
-            graph.erase_node(n)
+            n.graph.erase_node(n)
 
 
-def prepare(graph: Graph, report, graph_index: int = 0) -> None:
-    """Give every SDPA call whose mask is the plain causal mask ``is_causal=True`` (module docstring)."""
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _SDPA:
-            continue
-        args = _bound(node)
-        mask = args.get("attn_mask")
-        if not isinstance(mask, Node) or args.get("is_causal"):
-            continue
-        module = module_path(node)
-        reason = _reason(node, mask)
-        if reason is not None:
-            report.add_skip(Skip("causal_mask", module, reason, node=node.name, graph=graph_index))
-            continue
-        nodes = _ancestors(mask)
-        kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
-        kwargs.update(attn_mask=None, is_causal=True)
-        node.args = (args["query"], args["key"], args["value"])
-        node.kwargs = kwargs
-        _erase_unused(nodes, graph)
-        report.add_site(Site("causal_mask", module, node.name, graph_index, variant="sdpa is_causal: the mask was the causal one"))
+def prepare(gm, report, graph_index: int = 0) -> None:
+    """Give every SDPA call whose mask is the plain causal mask ``is_causal=True`` (module docstring).
+    Runs once on the whole module: a checkpointed layer's body reads the mask its caller passes."""
+    outer = _outer_inputs(gm)
+    for graph in graphs(gm):
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not _SDPA:
+                continue
+            args = _bound(node)
+            mask = args.get("attn_mask")
+            if not isinstance(mask, Node) or args.get("is_causal"):
+                continue
+            module = module_path(node)
+            reason = _reason(node, mask, outer)
+            if reason is not None:
+                report.add_skip(Skip("causal_mask", module, reason, node=node.name, graph=graph_index))
+                continue
+            nodes = _ancestors(mask, outer)
+            kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
+            kwargs.update(attn_mask=None, is_causal=True)
+            node.args = (args["query"], args["key"], args["value"])
+            node.kwargs = kwargs
+            _erase_unused(nodes)  # what only the mask read (a body's mask stays an operand of its call)
+            report.add_site(Site("causal_mask", module, node.name, graph_index, variant="sdpa is_causal: the mask was the causal one"))
+
+
+prepare.whole_module = True  # passes.run hands it the GraphModule, not each graph

@@ -84,6 +84,23 @@ def test_explicit_causal_mask_becomes_is_causal(like_517):
         torch.testing.assert_close(p.grad, eager_grads[name], msg=name)
 
 
+def test_mask_passed_into_checkpointed_layers(like_517):
+    """Gradient checkpointing: each layer is a nested body whose SDPA reads the mask as an input;
+    the pass follows it to what the caller passes (the 8B QLoRA step's case)."""
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = tiny.sample_batch(model.config, seq=12)
+    del batch["attention_mask"]
+    expected = model(**batch).loss
+    report, graphs, out = _capture(model, **batch)
+    assert report.count("causal_mask") == 2 and not [s for s in report.skipped if s.fusion == "causal_mask"], str(report)
+    from slothc.passes.meta import graphs as nested
+
+    calls = [n for g in nested(graphs[0]) for n in g.nodes if n.target is SDPA]
+    assert len(calls) == 2 and all(n.kwargs["is_causal"] is True and n.kwargs["attn_mask"] is None for n in calls)
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_a_mask_from_the_attention_mask_input_is_reported(like_517):
     model = _model()
     batch = tiny.sample_batch(model.config, seq=12)  # attention_mask of ones, as a training loop passes it
