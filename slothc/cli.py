@@ -5,6 +5,7 @@
     slothc explain --arch qwen3 --option rms_norm=false
     slothc explain --arch llama --load-in-4bit      # QLoRA: the linears quantised by bitsandbytes (NF4)
     slothc bench --workload a                       # the end-to-end training-step benchmark (GPU)
+    slothc coverage --jobs 2 --out-dir docs         # every causal-LM architecture, against eager
 
 Each subcommand is an ``argparse`` sub-parser plus one ``_<name>(args) -> int`` function, registered in
 ``COMMANDS``; ``main`` parses, dispatches and returns the exit status (0 ok, 1 the run failed, 2 bad
@@ -174,7 +175,37 @@ def _bench_argv(args) -> list:
     return out
 
 
-COMMANDS = (_explain_parser, _bench_parser)  # later: coverage
+def _coverage_parser(sub) -> None:
+    from slothc import coverage
+
+    p = sub.add_parser(
+        "coverage",
+        help="every causal-LM architecture of the installed transformers: fused, and equal to eager?",
+        description=coverage.__doc__.split("\n\n")[0],
+    )
+    coverage.parser(p)
+    p.set_defaults(run=_coverage)
+
+
+def _coverage(args, parser) -> int:
+    from slothc import coverage, tiny
+
+    for arch in args.arch or ():
+        try:
+            tiny.check_arch(arch)
+        except ValueError as e:
+            raise _Usage(str(e)) from None
+
+    argv = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--inner", args.inner, "--budget-s", str(args.budget_s),
+            "--jobs", str(args.jobs)]
+    if args.arch:
+        argv += ["--arch", *args.arch]
+    if args.out_dir:
+        argv += ["--out-dir", args.out_dir]
+    return coverage.main(argv)
+
+
+COMMANDS = (_explain_parser, _bench_parser, _coverage_parser)
 
 
 class _Usage(Exception):

@@ -45,3 +45,19 @@ def test_explain_a_4bit_model(capsys):
     assert "fused qlora_linear: 7 sites" in out, out
     assert "[nf4, double-quant, blocksize 64, peft]" in out
     assert "4-bit" in out.strip().splitlines()[-1]
+
+
+def test_coverage_unknown_architecture_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["coverage", "--arch", "lama"])
+    assert e.value.code == 2
+    assert "did you mean llama" in capsys.readouterr().err
+
+
+def test_bench_and_coverage_are_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--workload" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["coverage", "--help"])
+    assert "--budget-s" in capsys.readouterr().out
