@@ -15,7 +15,8 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    Inductor's compile time; ``inductor`` for the full path);
 3. the loss and every LoRA gradient are judged as the tests judge a fused op: slothc's error
    against the float64 run may not exceed ``K`` times eager's own error plus a floor of fp32
-   rounding (``correct``);
+   rounding (``correct``); where the model has an op without float64 support (grouped MoE
+   matmuls), against eager within 1e-4 of its largest value (``reference`` says which);
 4. the fusion report's sites per kind against the candidate sites: the modules that the eager
    step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``), PEFT's LoRA linears, the attention
    modules (each rotates q and k: two RoPE sites where the config has rotary embeddings), the gated
@@ -121,7 +122,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
     try:
         torch.manual_seed(0)
         model = tiny.add_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), init_lora_weights=False).train()
-        batch = tiny.sample_batch(model.config, batch=2, seq=16)
+        batch = dict(tiny.sample_batch(model.config, batch=2, seq=16), use_cache=False)  # training: no KV cache
         ref_model = copy.deepcopy(model).double()
         fused_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001
@@ -133,9 +134,14 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
             ran["loss"], ran["grads"] = _step(model, batch)
 
         candidates = _candidates(model, eager_step)
-        ref_loss, ref_grads = _step(ref_model, batch, fp64=True)
     except Exception as e:  # noqa: BLE001
         return {**row, "status": "eager failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0}
+    try:
+        ref_loss, ref_grads = _step(ref_model, batch, fp64=True)
+        row["reference"] = "float64"
+    except Exception as e:  # noqa: BLE001  (an op without float64 support: judged against eager alone)
+        ref_loss = ref_grads = None
+        row["reference"] = f"eager fp32 (no float64 run: {type(e).__name__}: {str(e)[:120]})"
     report = slothc.Report()
     try:
         torch._dynamo.reset()
@@ -150,11 +156,17 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
     names = ["loss", *sorted(ran["grads"])]
     missing = [n for n in ran["grads"] if n not in grads]
     for name in names:
-        f, e, r = (loss, ran["loss"], ref_loss) if name == "loss" else (grads.get(name), ran["grads"][name], ref_grads.get(name))
+        f, e = (loss, ran["loss"]) if name == "loss" else (grads.get(name), ran["grads"][name])
+        if ref_grads is None:  # no float64 run: within fp32 noise of eager
+            r = e
+        else:
+            r = ref_loss if name == "loss" else ref_grads.get(name)
         if f is None or r is None:
             correct = False
             continue
         err_f, err_e, floor = _error(f, e, r)
+        if ref_grads is None:
+            err_e, floor = 0.0, 1e-4 * e.double().abs().max().item() + 1e-6
         if err_f > K * err_e + floor:
             correct = False
             worst.append(f"{name}: slothc error {err_f:.3g} > {K:g} x eager {err_e:.3g} + {floor:.3g}")
