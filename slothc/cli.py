@@ -150,29 +150,13 @@ def _bench_parser(sub) -> None:
         description=train_bench.__doc__.split("\n\n")[0],
     )
     train_bench.parser(p)
-    p.set_defaults(run=_bench)
+    p.set_defaults(run=_bench, subparser=p)
 
 
 def _bench(args, parser) -> int:
     from slothc import train_bench
 
-    return train_bench.main(_bench_argv(args))
-
-
-def _bench_argv(args) -> list:
-    out = ["--workload", *args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--max-seq-budget-s", str(args.max_seq_budget_s), "--variant-timeout-s", str(args.variant_timeout_s)]
-    if args.variants:
-        out += ["--variants", *args.variants]
-    if args.device:
-        out += ["--device", args.device]
-    if args.max_seq:
-        out.append("--max-seq")
-    if args.profile:
-        out.append("--profile")
-    if args.out_dir:
-        out += ["--out-dir", args.out_dir]
-    return out
+    return train_bench.main(_argv_of(args))
 
 
 def _coverage_parser(sub) -> None:
@@ -184,7 +168,7 @@ def _coverage_parser(sub) -> None:
         description=coverage.__doc__.split("\n\n")[0],
     )
     coverage.parser(p)
-    p.set_defaults(run=_coverage)
+    p.set_defaults(run=_coverage, subparser=p)
 
 
 def _coverage(args, parser) -> int:
@@ -195,14 +179,26 @@ def _coverage(args, parser) -> int:
             tiny.check_arch(arch)
         except ValueError as e:
             raise _Usage(str(e)) from None
+    return coverage.main(_argv_of(args))
 
-    argv = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--inner", args.inner, "--budget-s", str(args.budget_s),
-            "--jobs", str(args.jobs)]
-    if args.arch:
-        argv += ["--arch", *args.arch]
-    if args.out_dir:
-        argv += ["--out-dir", args.out_dir]
-    return coverage.main(argv)
+
+def _argv_of(args) -> list:
+    """The command line of a sub-parser that forwards to a module's ``main``, rebuilt from ``args``."""
+    out = []
+    for action in args.subparser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False:
+            continue
+        flag = action.option_strings[-1]
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
 
 
 COMMANDS = (_explain_parser, _bench_parser, _coverage_parser)
