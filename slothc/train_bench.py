@@ -21,7 +21,8 @@ Variants (``--variants``):
   ``mode="reduce-overhead"``;
 - ``unsloth``: ``FastLanguageModel.from_pretrained(folder, load_in_16bit=True or load_in_4bit=True,
   use_gradient_checkpointing=False)`` and its ``get_peft_model``, where it imports; otherwise the
-  variant records why.
+  variant records why. ``SLOTHC_UNSLOTH_SITE``: a folder of unpacked packages put first on its
+  process's ``sys.path`` (``bench/fetch_unsloth.sh`` makes one for a machine without network).
 
 Figures per variant: ``tokens_per_s`` (median step time over ``--steps`` steps after ``--warmup``),
 ``peak_gib`` (``torch.cuda.max_memory_allocated`` over all steps; ``reserved_gib`` next to it:
@@ -230,6 +231,9 @@ def _load(workload: Workload, variant: str, folder: str, device: str):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
     if variant == "unsloth":
+        site = os.environ.get("SLOTHC_UNSLOTH_SITE")  # unpacked packages carried to a machine without network
+        if site:
+            sys.path.insert(0, site)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         from unsloth import FastLanguageModel
