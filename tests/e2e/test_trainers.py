@@ -35,6 +35,7 @@ def _reference_ops_on_cpu(monkeypatch):
 
 
 def _model():
+    torch.manual_seed(0)  # the adapters' initialisation draws from the global generator
     return add_lora(tiny_model("llama", layers=2, hidden=64, vocab=VOCAB, seed=0), r=4, alpha=8)
 
 
