@@ -9,7 +9,8 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
 
 1. a tiny random-initialised model from the config class (``slothc.tiny``: few layers, small hidden
    size, derived from the config's own fields), PEFT LoRA on all linear layers (B random too, so
-   every adapter gradient is non-zero), training mode, fp32;
+   every adapter gradient is non-zero), training mode, fp32, dropout off (each run would draw its
+   own masks);
 2. one training step in eager, one in float64 (the reference) and one compiled with slothc
    (``--inner``, default ``aot_eager``: AOTAutograd and slothc's backward formulas, without
    Inductor's compile time; ``inductor`` for the full path);
@@ -110,6 +111,24 @@ def _error(fused, eager, ref) -> tuple[float, float, float]:
     return (f - r).abs().max().item(), (e - r).abs().max().item(), floor
 
 
+def no_dropout(model) -> None:
+    """Dropout off everywhere (modules, float ``*drop*`` attributes, config fields read in forward):
+    eager, float64 and slothc would each draw their own masks, and no comparison would hold."""
+    import torch
+
+    configs = [model.config] + [getattr(model.config, k) for k in vars(model.config) if hasattr(getattr(model.config, k), "to_dict")]
+    for config in configs:
+        for key, value in list(vars(config).items()):
+            if "drop" in key.lower() and isinstance(value, float):
+                setattr(config, key, 0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if "drop" in key.lower() and isinstance(value, float):
+                setattr(m, key, 0.0)
+
+
 def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_eager") -> dict:
     """One architecture (module docstring); runs in the calling process."""
     import torch
@@ -122,6 +141,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
     try:
         torch.manual_seed(0)
         model = tiny.add_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), init_lora_weights=False).train()
+        no_dropout(model)
         batch = dict(tiny.sample_batch(model.config, batch=2, seq=16), use_cache=False)  # training: no KV cache
         ref_model = copy.deepcopy(model).double()
         fused_model = copy.deepcopy(model)
