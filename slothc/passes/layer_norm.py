@@ -2,7 +2,9 @@
 
     out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias        (weight, bias optional)
 
-``nn.LayerNorm`` and ``F.layer_norm`` both reach the graph as ``F.layer_norm``. Under autocast, aten
+``nn.LayerNorm`` and ``F.layer_norm`` both reach the graph as ``F.layer_norm``; Cohere's
+LayerNorm (no bias, computed in fp32 and cast back) is written out with ``mean``/``rsqrt``
+(variant ``cohere``). Under autocast, aten
 runs layer_norm in fp32 (its inputs are cast up and the output is fp32): the graph's fake value says
 which dtype eager produced, and the replacement casts the inputs to it explicitly, so the fused op
 computes what eager computes with or without autocast.
@@ -27,6 +29,40 @@ PARAM_DTYPE = "weight or bias dtype is not fp32, bf16 or fp16"
 
 def _layer_norm_pattern(x, normalized_shape, weight, bias, eps):
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _layer_norm_cohere_pattern(x, weight, eps, dim):
+    # Cohere's LayerNorm written out (also its per-head q/k norms): fp32, no bias, rounded once
+    h = x.to(torch.float32)
+    mean = h.mean(dim, keepdim=True)
+    variance = (h - mean).pow(2).mean(dim, keepdim=True)
+    h = (h - mean) * torch.rsqrt(variance + eps)
+    h = weight.to(torch.float32) * h
+    return h.to(x.dtype)
+
+
+def _layer_norm_cohere_replacement(m, x, weight, eps, dim):
+    return torch.ops.slothc.layer_norm(x, weight, None, float(eps))  # fp32 inside, one rounding to x's dtype
+
+
+def _layer_norm_cohere_check(m) -> str | None:
+    x = m.val("x")
+    if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
+        return UNSUPPORTED_DTYPE
+    if x.device.type not in ("cuda", "cpu"):
+        return UNSUPPORTED_DEVICE
+    if not isinstance(m["dim"], int) or m["dim"] not in (-1, x.dim() - 1):
+        return NOT_LAST_DIM
+    if not isinstance(x.shape[-1], int):
+        return SYMBOLIC_HIDDEN
+    if isinstance(m["eps"], Node) or not isinstance(m["eps"], (int, float)):
+        return EPS_NOT_CONSTANT
+    weight = m.val("weight")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],):
+        return PARAM_SHAPE
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return PARAM_DTYPE
+    return None
 
 
 def _layer_norm_replacement(m, x, normalized_shape, weight, bias, eps):
@@ -62,4 +98,7 @@ def _layer_norm_check(m) -> str | None:
     return None
 
 
-RULES = RuleSet([Rule("layer_norm", "layer_norm", _layer_norm_pattern, _layer_norm_replacement, _layer_norm_check)])
+RULES = RuleSet([
+    Rule("layer_norm", "layer_norm", _layer_norm_pattern, _layer_norm_replacement, _layer_norm_check),
+    Rule("layer_norm", "cohere", _layer_norm_cohere_pattern, _layer_norm_cohere_replacement, _layer_norm_cohere_check),
+])

@@ -63,6 +63,13 @@ def _rms_norm_gemma_pattern(x, weight, eps, dim, offset):
     return h.type_as(x)
 
 
+def _rms_norm_variance_upcast_pattern(x, weight, eps, dim):
+    # CPM-Ant: the variance from an fp32 copy, the product from x itself (promoted to fp32 by the
+    # fp32 rsqrt: the same values as llama's), cast back, then the weight
+    variance = x.to(torch.float32).pow(2).mean(dim, keepdim=True)
+    return (x * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
 def _rms_norm_no_weight_pattern(x, eps, dim):
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
@@ -144,6 +151,7 @@ def _rms_norm_fp32_check(m) -> str | None:
 RULES = RuleSet(
     [
         Rule("rms_norm", "llama", _rms_norm_llama_pattern, _rms_norm_llama_replacement, _rms_norm_check),
+        Rule("rms_norm", "variance_upcast", _rms_norm_variance_upcast_pattern, _rms_norm_llama_replacement, _rms_norm_check),
         Rule("rms_norm", "gemma", _rms_norm_gemma_pattern, _rms_norm_gemma_replacement, _rms_norm_check),
         Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),

@@ -61,3 +61,42 @@ def test_multi_dim_layer_norm_is_skipped():
     assert report.count("layer_norm") == 0
     assert [s.reason for s in report.skipped] == [P.NOT_LAST_DIM]
     torch.testing.assert_close(out, F.layer_norm(x, (3, 4)))
+
+
+def cohere(x, w, eps=1e-5):  # CohereLayerNorm.forward: written out, no bias, fp32, cast back
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    mean = h.mean(-1, keepdim=True)
+    variance = (h - mean).pow(2).mean(-1, keepdim=True)
+    h = (h - mean) * torch.rsqrt(variance + eps)
+    h = w.to(torch.float32) * h
+    return h.to(input_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cohere_written_out_layer_norm_is_fused(dtype):
+    x, w, _ = _inputs(dtype)
+    x.requires_grad_()
+    w = w.clone().requires_grad_()
+    report, _, out = capture(cohere, x, w)
+    assert [s.variant for s in report.fused["layer_norm"]] == ["cohere"], str(report)
+    expected = cohere(x, w)
+    assert out.dtype == expected.dtype
+    tol = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(expected, (x, w), g), **tol)
+
+
+def test_cohere_form_over_two_dims_is_skipped():
+    x, w, _ = _inputs(torch.float32)
+
+    def two_dims(x, w):
+        h = x.to(torch.float32)
+        mean = h.mean(-2, keepdim=True)
+        variance = (h - mean).pow(2).mean(-2, keepdim=True)
+        h = (h - mean) * torch.rsqrt(variance + 1e-5)
+        return (w[:3, None].to(torch.float32) * h).to(x.dtype)
+
+    report, _, _ = capture(two_dims, x, w)
+    assert report.count("layer_norm") == 0 and [s.reason for s in report.skipped] == [P.NOT_LAST_DIM], str(report)

@@ -52,6 +52,12 @@ def fp32_only(x, w):  # no casts at all
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
 
 
+def cpmant(x, w):  # CpmAntLayerNorm: the variance from an fp32 copy, the product from x itself
+    old_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+    return (x * torch.rsqrt(variance + EPS)).to(old_dtype) * w
+
+
 def qk_norm(x, w):  # Qwen3 / OLMo2 per-head norm on a (batch, seq, heads, head_dim) view
     return llama(x.view(*x.shape[:-1], -1, w.shape[0]), w).transpose(1, 2)
 
@@ -61,6 +67,7 @@ SPELLINGS = {
     "llama_respelled": (llama_respelled, "llama", 1),
     "gemma": (gemma, "gemma", 1),
     "olmo2": (olmo2, "weight_then_cast", 1),
+    "cpmant": (cpmant, "variance_upcast", 1),
     "no_weight": (no_weight, "no_weight", 1),
     "fp32_only": (fp32_only, "fp32", 1),
 }
