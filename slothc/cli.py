@@ -141,16 +141,19 @@ def _summary(args, report, device, seconds: float) -> str:
 # --------------------------------------------------------------------------------------------------
 # plumbing
 
+
+def _forwarding_parser(sub, name: str, module, help: str, run) -> None:
+    """A subcommand whose options are ``module.parser``'s and whose work is ``module.main``."""
+    p = sub.add_parser(name, help=help, description=module.__doc__.split("\n\n")[0])
+    module.parser(p)
+    p.set_defaults(run=run, subparser=p)
+
+
 def _bench_parser(sub) -> None:
     from slothc import train_bench
 
-    p = sub.add_parser(
-        "bench",
-        help="end-to-end LoRA/QLoRA training step: slothc against eager, Inductor, Liger-Kernel and Unsloth",
-        description=train_bench.__doc__.split("\n\n")[0],
-    )
-    train_bench.parser(p)
-    p.set_defaults(run=_bench, subparser=p)
+    _forwarding_parser(sub, "bench", train_bench, "end-to-end LoRA/QLoRA training step: slothc against eager, Inductor, "
+                       "Liger-Kernel and Unsloth", _bench)
 
 
 def _bench(args, parser) -> int:
@@ -162,13 +165,8 @@ def _bench(args, parser) -> int:
 def _coverage_parser(sub) -> None:
     from slothc import coverage
 
-    p = sub.add_parser(
-        "coverage",
-        help="every causal-LM architecture of the installed transformers: fused, and equal to eager?",
-        description=coverage.__doc__.split("\n\n")[0],
-    )
-    coverage.parser(p)
-    p.set_defaults(run=_coverage, subparser=p)
+    _forwarding_parser(sub, "coverage", coverage, "every causal-LM architecture of the installed transformers: fused, and "
+                       "equal to eager?", _coverage)
 
 
 def _coverage(args, parser) -> int:
