@@ -116,7 +116,7 @@ def no_dropout(model) -> None:
     eager, float64 and slothc would each draw their own masks, and no comparison would hold."""
     import torch
 
-    configs = [model.config] + [getattr(model.config, k) for k in vars(model.config) if hasattr(getattr(model.config, k), "to_dict")]
+    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]  # raw: no per-layer getattr
     for config in configs:
         for key, value in list(vars(config).items()):
             if "drop" in key.lower() and isinstance(value, float):
@@ -127,6 +127,27 @@ def no_dropout(model) -> None:
         for key, value in list(vars(m).items()):
             if "drop" in key.lower() and isinstance(value, float):
                 setattr(m, key, 0.0)
+
+
+def _with_lora(model, row: dict):
+    """PEFT LoRA on all linear layers; where PEFT refuses some of them (Mamba's ``out_proj`` and
+    ``conv1d``), on every other linear, and the row says which were left out."""
+    import re
+
+    import torch
+
+    from slothc import tiny
+
+    try:
+        return tiny.add_lora(copy.deepcopy(model), init_lora_weights=False)  # a refusal leaves its model half wrapped
+    except ValueError as e:
+        found = re.search(r"Incompatible modules: \{([^}]*)\}", str(e))
+        if not found:
+            raise
+        refused = {name.strip(" '\"") for name in found.group(1).split(",")}
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - refused - {"lm_head"}
+        row["lora_targets"] = f"all linear but {', '.join(sorted(refused))} (PEFT refuses them)"
+        return tiny.add_lora(model, target_modules=sorted(names), init_lora_weights=False)
 
 
 def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_eager") -> dict:
@@ -140,7 +161,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
     row: dict = {"arch": arch}
     try:
         torch.manual_seed(0)
-        model = tiny.add_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), init_lora_weights=False).train()
+        model = _with_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), row).train()
         no_dropout(model)
         batch = dict(tiny.sample_batch(model.config, batch=2, seq=16), use_cache=False)  # training: no KV cache
         ref_model = copy.deepcopy(model).double()
