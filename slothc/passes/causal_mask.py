@@ -172,6 +172,7 @@ def prepare(gm, report, graph_index: int = 0) -> None:
     """Give every SDPA call whose mask is the plain causal mask ``is_causal=True`` (module docstring).
     Runs once on the whole module: a checkpointed layer's body reads the mask its caller passes."""
     outer = _outer_inputs(gm)
+    reasons: dict = {}  # one evaluation a mask (every layer reads the same one)
     for graph in graphs(gm):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not _SDPA:
@@ -181,7 +182,11 @@ def prepare(gm, report, graph_index: int = 0) -> None:
             if not isinstance(mask, Node) or args.get("is_causal"):
                 continue
             module = module_path(node)
-            reason = _reason(node, mask, outer)
+            q, k = val(args["query"]), val(args["key"])
+            key = (outer.get(mask, mask), str(getattr(q, "shape", None)), str(getattr(k, "shape", None)))
+            if key not in reasons:
+                reasons[key] = _reason(node, mask, outer)
+            reason = reasons[key]
             if reason is not None:
                 report.add_skip(Skip("causal_mask", module, reason, node=node.name, graph=graph_index))
                 continue
