@@ -39,6 +39,7 @@ OFFSET_NOT_CONSTANT = "weight offset is not a constant"
 WEIGHT_SHAPE = "weight shape is not (hidden,)"
 WEIGHT_DTYPE = "weight dtype is not fp32, bf16 or fp16"
 UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
+WEIGHT_OTHER_DTYPE = "torch.rms_norm with a weight of another dtype than the input (it casts the product back)"
 
 
 # -- patterns ----------------------------------------------------------------------------------------
@@ -68,6 +69,12 @@ def _rms_norm_variance_upcast_pattern(x, weight, eps, dim):
     # fp32 rsqrt: the same values as llama's), cast back, then the weight
     variance = x.to(torch.float32).pow(2).mean(dim, keepdim=True)
     return (x * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def _rms_norm_torch_pattern(x, normalized_shape, weight, eps):
+    # nn.RMSNorm / F.rms_norm (DiffLlama's per-head group norm): aten computes in fp32, casts to
+    # x's dtype, then multiplies by the weight
+    return torch.rms_norm(x, normalized_shape, weight, eps)
 
 
 def _rms_norm_no_weight_pattern(x, eps, dim):
@@ -101,6 +108,36 @@ def _rms_norm_weight_then_cast_replacement(m, x, weight, eps, dim):
 
 def _rms_norm_gemma_replacement(m, x, weight, eps, dim, offset):
     return torch.ops.slothc.rms_norm(x, weight, float(eps), float(offset), False)
+
+
+def _rms_norm_torch_replacement(m, x, normalized_shape, weight, eps):
+    if eps is None:  # aten's default: the epsilon of the dtype it computes in (fp32 for bf16/fp16)
+        eps = torch.finfo(torch.promote_types(m.val("x").dtype, torch.float32)).eps
+    return torch.ops.slothc.rms_norm(x, weight, float(eps), 0.0, True)
+
+
+def _rms_norm_torch_check(m) -> str | None:
+    x = m.val("x")
+    if not isinstance(x, torch.Tensor):
+        return NOT_A_TENSOR
+    if x.dtype not in SUPPORTED_DTYPES:
+        return UNSUPPORTED_DTYPE
+    if x.device.type not in ("cuda", "cpu"):
+        return UNSUPPORTED_DEVICE
+    shape = m["normalized_shape"]
+    if isinstance(shape, Node) or not isinstance(shape, (list, tuple)) or len(shape) != 1:
+        return NOT_LAST_DIM
+    if not isinstance(x.shape[-1], int):
+        return SYMBOLIC_HIDDEN
+    if m["eps"] is not None and (isinstance(m["eps"], Node) or not isinstance(m["eps"], (int, float))):
+        return EPS_NOT_CONSTANT
+    weight = m.val("weight")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],):
+            return WEIGHT_SHAPE
+        if weight.dtype != x.dtype:
+            return WEIGHT_OTHER_DTYPE
+    return None
 
 
 def _rms_norm_no_weight_replacement(m, x, eps, dim):
@@ -152,6 +189,7 @@ RULES = RuleSet(
     [
         Rule("rms_norm", "llama", _rms_norm_llama_pattern, _rms_norm_llama_replacement, _rms_norm_check),
         Rule("rms_norm", "variance_upcast", _rms_norm_variance_upcast_pattern, _rms_norm_llama_replacement, _rms_norm_check),
+        Rule("rms_norm", "torch", _rms_norm_torch_pattern, _rms_norm_torch_replacement, _rms_norm_torch_check),
         Rule("rms_norm", "gemma", _rms_norm_gemma_pattern, _rms_norm_gemma_replacement, _rms_norm_check),
         Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),

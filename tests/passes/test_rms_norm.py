@@ -255,3 +255,32 @@ def test_fused_iff_check_passes(cfg):
         assert expected in [s.reason for s in report.skipped], (cfg, str(report))
     tol = dict(atol=2e-2, rtol=2e-2) if cfg["dtype"] != torch.float32 else {}
     torch.testing.assert_close(out, fn(x, w), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine, eps", [(True, 1e-5), (False, 1e-5), (True, None)], ids=["weight", "no_weight", "default_eps"])
+def test_torch_rms_norm_module_is_fused(dtype, affine, eps):
+    """nn.RMSNorm / F.rms_norm (DiffLlama's per-head group norm): torch.rms_norm in the graph."""
+    norm = torch.nn.RMSNorm(24, eps=eps, elementwise_affine=affine).to(dtype)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(24))
+    x, _ = _inputs(dtype)
+    x.requires_grad_()
+    report, _, out = capture(norm, x)
+    assert [s.variant for s in report.fused["rms_norm"]] == ["torch"], str(report)
+    expected = norm(x)
+    assert out.dtype == expected.dtype
+    tol = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    params = [x] + ([norm.weight] if affine else [])
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g), **tol)
+
+
+def test_torch_rms_norm_with_a_weight_of_another_dtype_is_skipped():
+    norm = torch.nn.RMSNorm(24)  # fp32 weight
+    x, _ = _inputs(torch.bfloat16)
+    report, _, out = capture(norm, x)
+    assert report.count("rms_norm") == 0 and [s.reason for s in report.skipped] == [P.WEIGHT_OTHER_DTYPE], str(report)
+    torch.testing.assert_close(out, norm(x))
