@@ -6,7 +6,8 @@
 - sequence lengths that change between batches: one recompile (dynamic shapes), not one a step, and
   the dynamic graph is fused too;
 - generation in eval mode after training;
-- the adapter saved with ``save_pretrained`` has eager's keys and values, and loads into plain PEFT.
+- the adapter saved with ``save_pretrained`` has eager's keys and values, and loads into plain PEFT;
+- padding-free packing (``position_ids`` restarting inside a row): eager's loss and gradients.
 """
 
 from __future__ import annotations
@@ -128,3 +129,28 @@ def test_saved_adapter_is_eagers_and_loads_into_plain_peft(tmp_path):
     ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_free_packing_with_position_ids():
+    """Two sequences packed in one row, told apart by position_ids (trl's padding_free): slothc's
+    loss and gradients are eager's, and eager's are not those of one long sequence."""
+    model = _model()
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    labels = ids.clone()
+    labels[0, 6] = -100  # no loss across the boundary
+    eager = model(input_ids=ids, position_ids=pos, labels=labels).loss
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with torch.no_grad():
+        assert abs(model(input_ids=ids, labels=labels).loss.item() - eager.item()) > 1e-4  # packing changes the result
+    report = slothc.Report()
+    fused = torch.compile(model, backend="slothc", options={"inner": "aot_eager", "report": report})(input_ids=ids, position_ids=pos,
+                                                                                                      labels=labels).loss
+    fused.backward()
+    assert report.count("rms_norm") == 5 and report.count("lora_linear") == 14, str(report)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
