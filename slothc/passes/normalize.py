@@ -12,7 +12,8 @@ Canonical form
 - a dtype cast is ``torch.Tensor.to(x, dtype)`` with the dtype positional (``float()``, ``half()``,
   ``bfloat16()``, ``double()``, ``type(dtype)``, ``type_as(y)``, ``to(dtype=...)``);
 - squares are ``torch.pow(x, 2)`` (integral float exponents become ints);
-- ``1 / sqrt(v)`` and ``reciprocal(sqrt(v))`` are ``torch.rsqrt(v)``; ``a / sqrt(v)`` is ``a * rsqrt(v)``;
+- ``1 / sqrt(v)``, ``reciprocal(sqrt(v))`` and ``pow(v, -0.5)`` are ``torch.rsqrt(v)``; ``a / sqrt(v)`` is
+  ``a * rsqrt(v)``;
 - ``F.linear``, ``torch.mean``, ``F.layer_norm``, ``F.cross_entropy``, ``F.silu``, ``F.relu`` take every
   argument positionally, defaults filled; ``F.gelu`` always has its keyword-only ``approximate``;
 - ``x @ w.T`` (``w`` 2-d; ``w.t()``, ``w.transpose(0, 1)``) is ``F.linear(x, w, None)``;
@@ -286,6 +287,9 @@ def _pow_rule(node: Node) -> bool:
         exponent = args[1]
         if isinstance(exponent, float) and exponent.is_integer():
             _set(node, torch.pow, (args[0], int(exponent)))
+            return True
+        if isinstance(exponent, float) and exponent == -0.5 and isinstance(args[0], Node):
+            _set(node, torch.rsqrt, (args[0],))  # Gemma 3n/4: pow(v, -0.5), "for JAX parity"
             return True
     return False
 

@@ -58,6 +58,12 @@ def cpmant(x, w):  # CpmAntLayerNorm: the variance from an fp32 copy, the produc
     return (x * torch.rsqrt(variance + EPS)).to(old_dtype) * w
 
 
+def gemma4(x, w):  # Gemma4RMSNorm / Gemma3n: pow(v, -0.5) for rsqrt, the weight in fp32, type_as at the end
+    h = x.float()
+    normed = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + EPS, -0.5)
+    return (normed * w.float()).type_as(x)
+
+
 def qk_norm(x, w):  # Qwen3 / OLMo2 per-head norm on a (batch, seq, heads, head_dim) view
     return llama(x.view(*x.shape[:-1], -1, w.shape[0]), w).transpose(1, 2)
 
@@ -68,6 +74,7 @@ SPELLINGS = {
     "gemma": (gemma, "gemma", 1),
     "olmo2": (olmo2, "weight_then_cast", 1),
     "cpmant": (cpmant, "variance_upcast", 1),
+    "gemma4": (gemma4, "weight_then_cast", 1),
     "no_weight": (no_weight, "no_weight", 1),
     "fp32_only": (fp32_only, "fp32", 1),
 }
