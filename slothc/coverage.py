@@ -302,6 +302,11 @@ def main(argv=None) -> int:
         import logging
         import warnings
 
+        import torch
+
+        # One thread: the eager and slothc runs then sum in one order whatever else the machine
+        # runs (with several jobs on few cores, a thread pool that shrinks changes fp32 roundings).
+        torch.set_num_threads(1)
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
         row = check_arch(args.child, args.layers, args.hidden, args.inner)

@@ -116,14 +116,20 @@ def _rms_norm_torch_replacement(m, x, normalized_shape, weight, eps):
     return torch.ops.slothc.rms_norm(x, weight, float(eps), 0.0, True)
 
 
-def _rms_norm_torch_check(m) -> str | None:
-    x = m.val("x")
+def _input_reason(x) -> str | None:
     if not isinstance(x, torch.Tensor):
         return NOT_A_TENSOR
     if x.dtype not in SUPPORTED_DTYPES:
         return UNSUPPORTED_DTYPE
     if x.device.type not in ("cuda", "cpu"):
         return UNSUPPORTED_DEVICE
+    return None
+
+
+def _rms_norm_torch_check(m) -> str | None:
+    x = m.val("x")
+    if (reason := _input_reason(x)) is not None:
+        return reason
     shape = m["normalized_shape"]
     if isinstance(shape, Node) or not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return NOT_LAST_DIM
@@ -152,12 +158,8 @@ _rms_norm_fp32_replacement = _rms_norm_no_weight_replacement
 
 def _rms_norm_check(m) -> str | None:
     x = m.val("x")
-    if not isinstance(x, torch.Tensor):
-        return NOT_A_TENSOR
-    if x.dtype not in SUPPORTED_DTYPES:
-        return UNSUPPORTED_DTYPE
-    if x.device.type not in ("cuda", "cpu"):
-        return UNSUPPORTED_DEVICE
+    if (reason := _input_reason(x)) is not None:
+        return reason
     dim = m["dim"]
     if not isinstance(dim, int) or dim not in (-1, x.dim() - 1):
         return NOT_LAST_DIM
