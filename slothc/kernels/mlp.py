@@ -245,9 +245,10 @@ torch.library.register_autograd("slothc::mlp", _mlp_autograd_backward, setup_con
 # --------------------------------------------------------------------------------------------
 
 
-def _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize, dtype):
+def _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize, dtype,
+               check=True):
     return _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, weight_shapes(shapes, 1), blocksize, quant_type,
-                    nested_blocksize, dtype)
+                    nested_blocksize, dtype, check=check)
 
 
 def _check_4bit_down(g, u, act, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, bias, lora_a,
@@ -289,8 +290,7 @@ def qlora_mlp(
                      lora_b, scaling, nested_blocksize)
     h = mlp_act_fwd(g, u, act)
     weights = _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
-                         base_dtype)
-    weights.check = False
+                         base_dtype, check=False)
     # PEFT's 4-bit layer adds base and update in the output dtype
     (y,), t = lora_linear_fwd(h, weights, [bias], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
                               sum_dtype=out_dtype, check=False)

@@ -295,11 +295,11 @@ class _Weights:
     is alive at a time)."""
 
     def __init__(self, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
-                 dtype):
+                 dtype, check=True):
         self.state = (packed, absmax, absmax_8bit, absmax_code, absmax_offset)
         self.shapes, self.blocksize, self.quant_type = shapes, blocksize, quant_type
         self.nested_blocksize, self.dtype = nested_blocksize, dtype
-        self.check = True  # the forward has checked the state (then False); the backward checks as it dequantises
+        self.check = check  # False: the caller has checked the state (the forward); the backward checks as it dequantises
 
     def __len__(self):
         return len(self.state[0])
@@ -374,8 +374,7 @@ def qlora_linear(
     ws = _check_weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize)
     lora._check(x, ws, biases, lora_a, lora_b, scaling, adapter_proj, xa)
     weights = _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, ws, blocksize, quant_type, nested_blocksize,
-                       base_dtype)
-    weights.check = False
+                       base_dtype, check=False)
     # PEFT's 4-bit layer adds base and update in the output dtype (the base cast to it first). Each
     # full-precision weight lives for its one matmul.
     outs, t = lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, xa,

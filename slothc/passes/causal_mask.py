@@ -162,10 +162,16 @@ def _reason(node: Node, mask: Node, outer: dict) -> str | None:
     return None
 
 
-def _erase_unused(nodes: list) -> None:
-    for n in sorted(nodes, key=lambda n: -list(n.graph.nodes).index(n)) if len(nodes) < 512 else ():
-        if not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
-            n.graph.erase_node(n)
+def _erase_unused(node: Node) -> None:
+    """Erase ``node`` if nothing reads it any more, then its inputs that lost their last reader."""
+    work = [node]
+    while work:
+        n = work.pop()
+        if n.users or n.op not in ("call_function", "call_method") or n.is_impure():
+            continue
+        inputs = list(n.all_input_nodes)
+        n.graph.erase_node(n)
+        work.extend(inputs)
 
 
 def prepare(gm, report, graph_index: int = 0) -> None:
@@ -190,12 +196,11 @@ def prepare(gm, report, graph_index: int = 0) -> None:
             if reason is not None:
                 report.add_skip(Skip("causal_mask", module, reason, node=node.name, graph=graph_index))
                 continue
-            nodes = _ancestors(mask, outer)
             kwargs = {k: v for k, v in args.items() if k not in ("query", "key", "value")}
             kwargs.update(attn_mask=None, is_causal=True)
             node.args = (args["query"], args["key"], args["value"])
             node.kwargs = kwargs
-            _erase_unused(nodes)  # what only the mask read (a body's mask stays an operand of its call)
+            _erase_unused(mask)  # what only the mask read (a body's mask stays an operand of its call)
             report.add_site(Site("causal_mask", module, node.name, graph_index, variant="sdpa is_causal: the mask was the causal one"))
 
 

@@ -369,7 +369,7 @@ def group_shared_inputs(graph: Graph, layout: Layout = LORA_LAYOUT) -> list[list
         first = nodes[0]
         for n in nodes[1:]:
             for d in n.all_input_nodes:
-                if order[d] > order[first] and _view_of_inputs(d):
+                if order[d] > order[first] and _view_or_cast_of_inputs(d):
                     # a view or cast of graph inputs (bitsandbytes' packed.view(-1, 1), a bias cast) can be made earlier
                     first.prepend(d)
                     order[d] = order[first] - 0.5
@@ -387,7 +387,7 @@ def group_shared_inputs(graph: Graph, layout: Layout = LORA_LAYOUT) -> list[list
 _VIEWS = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.to, "view", "reshape", "to")
 
 
-def _view_of_inputs(node: Node) -> bool:
+def _view_or_cast_of_inputs(node: Node) -> bool:
     return (node.op == "call_function" or node.op == "call_method") and node.target in _VIEWS and all(
         d.op in ("placeholder", "get_attr") for d in node.all_input_nodes
     )
