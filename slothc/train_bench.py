@@ -136,16 +136,22 @@ def _versions() -> dict:
     return out
 
 
-def save_model(workload: Workload, folder: str, seed: int = 0) -> None:
-    """The workload's model with random bf16 weights, and a tokenizer, saved to ``folder``."""
+def save_model(workload: Workload, folder: str, seed: int = 0, device: str = "cpu") -> None:
+    """The workload's model with random bf16 weights, and a tokenizer, saved to ``folder``.
+
+    ``device``: where the weights are drawn (an 8B model's random init takes minutes on a CPU and
+    seconds on a GPU); the saved folder is the same either way in kind, not in values."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(workload.arch, **workload.config)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the variants' processes get the whole card
     _save_tokenizer(folder, config.vocab_size)
 
 
@@ -159,11 +165,15 @@ def _save_tokenizer(folder: str, vocab: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1", bos_token="t2").save_pretrained(folder)
 
 
-def run_workload(workload: Workload, variants, args) -> dict:
+def run_workload(workload: Workload, variants, args, write=None) -> dict:
+    """Each variant in its own process; ``write(result)``, when given, after each one (a run cut
+    short keeps the variants it finished)."""
     device = args.device
     with tempfile.TemporaryDirectory(prefix=f"slothc-train-{workload.name}-") as folder:
+        t0 = time.time()
         print(f"[{workload.name}] {workload.description}: saving the random model", flush=True)
-        save_model(workload, folder)
+        save_model(workload, folder, device=device)
+        print(f"[{workload.name}] saved in {time.time() - t0:.0f} s", flush=True)
         results = {}
         for variant in variants:
             t0 = time.time()
@@ -176,9 +186,16 @@ def run_workload(workload: Workload, variants, args) -> dict:
             else:
                 detail = f" ({r.get('reason', '')[:300]})"
             print(f"[{workload.name}] {variant}: {r.get('status')}{detail} in {time.time() - t0:.0f} s", flush=True)
+            if write is not None:
+                write(_result(workload, results, args))
+    return _result(workload, results, args)
+
+
+def _result(workload: Workload, results: dict, args) -> dict:
     _compare_losses(results)
-    return {"device": _device_name(device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
-            "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup}
+    return {"device": _device_name(args.device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
+            "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
+            "git_sha": os.environ.get("SLOTHC_GIT_SHA")}
 
 
 def _child(workload, variant, folder, args) -> dict:
@@ -455,6 +472,11 @@ def markdown(result: dict) -> str:
                      f"{f(r.get('loss_vs_eager'), '.2e')} | {ms.get('max_seq', '-') if ms else '-'} |")
     if best_peer:
         lines += ["", f"best peer by tokens/s: {best_peer}"]
+    for name, r in ok.items():
+        if r.get("fused") is not None:
+            fused = ", ".join(f"{k} {n}" for k, n in sorted(r["fused"].items())) or "nothing"
+            lines += ["", f"{name} fused: {fused}; graphs {r.get('graphs', '-')}"]
+            lines += [f"- skipped: {s}" for s in r.get("skipped", [])[:10]]
     return "\n".join(lines) + "\n"
 
 
@@ -482,6 +504,17 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _write(result: dict, name: str, out_dir: str, cuda: bool) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "cpu" if not cuda else result["device"].split()[-1].lower()
+    stem = os.path.join(out_dir, f"{result['date']}-{tag}-train-{name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    return stem
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import torch
@@ -499,18 +532,11 @@ def main(argv=None) -> int:
     variants = args.variants or (list(VARIANTS) if cuda else ["eager", "inductor", "slothc"])
     status = 0
     for name in args.workload:
-        result = run_workload(WORKLOADS[name], variants, args)
+        result = run_workload(WORKLOADS[name], variants, args, write=(lambda r, n=name: _write(r, n, args.out_dir, cuda)) if args.out_dir else None)
         table = markdown(result)
         print(table, flush=True)
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            tag = "cpu" if not cuda else result["device"].split()[-1].lower()
-            stem = os.path.join(args.out_dir, f"{result['date']}-{tag}-train-{name}")
-            with open(stem + ".json", "w") as f:
-                json.dump(result, f, indent=1)
-            with open(stem + ".md", "w") as f:
-                f.write(table)
-            print(f"wrote {stem}.json and .md", flush=True)
+            print(f"wrote {_write(result, name, args.out_dir, cuda)}.json and .md", flush=True)
         if any(r.get("status") == "error" for r in result["variants"].values()):
             status = 1
     return status
