@@ -117,7 +117,7 @@ def providers(names, form, heads, head_dim, fused_flag):
 
         def call(xs, cos, sin):
             q, k = split(xs)
-            return tuple(torch.ops.slothc.rope(q, k, cos.unsqueeze(1), sin.unsqueeze(1), rotary_dim, form == "interleaved", None))
+            return tuple(torch.ops.slothc.rope(q, k, cos.unsqueeze(1), sin.unsqueeze(1), rotary_dim, form == "interleaved", None, False))
 
         return call
 

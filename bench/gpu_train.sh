@@ -26,7 +26,11 @@ T_MARGIN=${T_MARGIN:-15}
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/env.txt" 2>&1 || echo "wheel install failed" | tee -a "$OUT/env.txt"
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# slothc's metadata, for its torch_dynamo_backends entry point (the e2e tests compile with
+# backend="slothc" by name); the code itself is imported from the checkout, first on PYTHONPATH.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/slothc_dist . \
+    >> "$OUT/env.txt" 2>&1 || echo "slothc metadata install failed" | tee -a "$OUT/env.txt"
+export PYTHONPATH=/tmp/site:$PWD:/tmp/slothc_dist${PYTHONPATH:+:$PYTHONPATH}
 [ -d .carry/unsloth_site ] && export SLOTHC_UNSLOTH_SITE=$PWD/.carry/unsloth_site
 {
     echo "git_sha ${SLOTHC_GIT_SHA:-unknown}"

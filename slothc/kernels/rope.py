@@ -7,6 +7,11 @@ Phi, GPT-NeoX, StableLM) and pass the rest through. The rotated channels pair up
 - ``rotate_half`` (Llama, Mistral, Qwen, Gemma, ...): ``x1 = x[:r/2]``, ``x2 = x[r/2:r]``;
 - ``interleaved`` (GPT-J, Cohere, GLM): ``x1 = x[0:r:2]``, ``x2 = x[1:r:2]``.
 
+The result is laid out in the same pairing, except with ``deinterleave`` (DeepSeek-V3 and the other
+MLA models: ``cat([x1 c - x2 s, x2 c + x1 s], -1)`` of the interleaved pairs): interleaved pairs in,
+``[y1, y2]`` halves out, cos and sin paired as halves (``c1 = cos[:r/2]``, ``c2 = cos[r/2:]``); its
+backward reads halves and writes interleaved pairs.
+
 The model computes ``y = x * cos + rot(x) * sin`` with ``rot(x) = (-x2, x1)`` in the same pairing, so
 for each pair, with ``c1, c2, s1, s2`` the cos and sin values at its two channels::
 
@@ -134,8 +139,11 @@ def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.d
     return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
 
 
-def _check(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
+def _check(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+           deinterleave: bool = False):
     """Validate the operands; returns q's layout (k's is the same when given)."""
+    if deinterleave and not interleaved:
+        raise ValueError("slothc rope: deinterleave=True turns interleaved pairs into halves; it needs interleaved=True")
     if cos.shape != sin.shape:
         raise ValueError(f"slothc rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
     if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
@@ -156,7 +164,15 @@ def _check(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: t
 # --------------------------------------------------------------------------------------------
 
 
+def pairings(interleaved: bool, deinterleave: bool, backward: bool) -> tuple[bool, bool, bool]:
+    """Whether the input, the result and cos/sin are paired interleaved (else as halves)."""
+    forward_in, forward_out = interleaved, interleaved and not deinterleave
+    table = forward_out
+    return (forward_out, forward_in, table) if backward else (forward_in, forward_out, table)
+
+
 def _pairs(t: torch.Tensor, interleaved: bool):
+    """The two channels of each pair: even/odd (interleaved) or the two halves."""
     if interleaved:
         return t[..., 0::2], t[..., 1::2]
     half = t.shape[-1] // 2
@@ -171,19 +187,21 @@ def rope_reference(
     interleaved: bool,
     backward: bool = False,
     out_dtype: Optional[torch.dtype] = None,
+    deinterleave: bool = False,
 ) -> torch.Tensor:
     """``y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2`` (``backward``: ``s1, s2 -> -s2, -s1``), channels
     past ``rotary_dim`` copied; computed in at least fp32, rounded once to ``out_dtype``."""
     out_dtype = out_dtype or _out_dtype(x, cos, sin)
     compute = torch.promote_types(out_dtype, torch.float32)
-    x1, x2 = _pairs(x[..., :rotary_dim].to(compute), interleaved)
-    c1, c2 = _pairs(cos.to(compute), interleaved)
-    s1, s2 = _pairs(sin.to(compute), interleaved)
+    x_pairs, y_pairs, table_pairs = pairings(interleaved, deinterleave, backward)
+    x1, x2 = _pairs(x[..., :rotary_dim].to(compute), x_pairs)
+    c1, c2 = _pairs(cos.to(compute), table_pairs)
+    s1, s2 = _pairs(sin.to(compute), table_pairs)
     if backward:
         s1, s2 = -s2, -s1
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2
-    y = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+    y = torch.stack((y1, y2), -1).flatten(-2) if y_pairs else torch.cat((y1, y2), -1)
     return torch.cat((y, x[..., rotary_dim:].to(compute)), -1).to(out_dtype)
 
 
@@ -202,7 +220,8 @@ def _rope_heads(
     head_dim,
     rotary_dim,
     c1, c2, s1, s2,  # [BLOCK_HALF] fp32 cos/sin at each pair's two channels (sin transposed for BACKWARD)
-    INTERLEAVED: tl.constexpr,
+    IN_INTERLEAVED: tl.constexpr,  # how x's channels pair up (else as halves)
+    OUT_INTERLEAVED: tl.constexpr,  # how the result's do
     BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
@@ -222,21 +241,21 @@ def _rope_heads(
         mask_h = offs_h < n_heads
         x_row = x_ptr + offs_h[:, None] * stride_x_h
         out_row = out_ptr + offs_h[:, None] * stride_out_h
-        if INTERLEAVED:
-            offs_r = tl.arange(0, 2 * BLOCK_HALF)
-            mask = mask_h[:, None] & (offs_r < rotary_dim)[None, :]
-            x = tl.load(x_row + offs_r[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        offs_r = tl.arange(0, 2 * BLOCK_HALF)
+        mask_r = mask_h[:, None] & (offs_r < rotary_dim)[None, :]
+        mask = mask_h[:, None] & (offs < half)[None, :]
+        if IN_INTERLEAVED:
+            x = tl.load(x_row + offs_r[None, :] * stride_x_d, mask=mask_r, other=0.0).to(tl.float32)
             x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
-            y1 = x1 * c1[None, :] - x2 * s1[None, :]
-            y2 = x2 * c2[None, :] + x1 * s2[None, :]
-            y = tl.reshape(tl.join(y1, y2), (BLOCK_H, 2 * BLOCK_HALF))
-            tl.store(out_row + offs_r[None, :] * stride_out_d, y.to(out_ty), mask=mask)
         else:
-            mask = mask_h[:, None] & (offs < half)[None, :]
             x1 = tl.load(x_row + offs[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(x_row + (offs + half)[None, :] * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-            y1 = x1 * c1[None, :] - x2 * s1[None, :]
-            y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        y1 = x1 * c1[None, :] - x2 * s1[None, :]
+        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        if OUT_INTERLEAVED:
+            y = tl.reshape(tl.join(y1, y2), (BLOCK_H, 2 * BLOCK_HALF))
+            tl.store(out_row + offs_r[None, :] * stride_out_d, y.to(out_ty), mask=mask_r)
+        else:
             tl.store(out_row + offs[None, :] * stride_out_d, y1.to(out_ty), mask=mask)
             tl.store(out_row + (offs + half)[None, :] * stride_out_d, y2.to(out_ty), mask=mask)
         for d0 in range(rotary_dim, head_dim, BLOCK_PASS):
@@ -276,7 +295,9 @@ def _rope_kernel(
     stride_cos_b, stride_cos_s, stride_cos_d,
     stride_sin_b, stride_sin_s, stride_sin_d,
     HAS_K: tl.constexpr,
-    INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1); else (i, i + rotary_dim/2)
+    IN_INTERLEAVED: tl.constexpr,  # x's channels pair as (2i, 2i+1); else (i, i + rotary_dim/2)
+    OUT_INTERLEAVED: tl.constexpr,  # the result's
+    TABLE_INTERLEAVED: tl.constexpr,  # cos's and sin's
     BACKWARD: tl.constexpr,  # the transposed rotation: sin (s1, s2) -> (-s2, -s1)
     BLOCK_HALF: tl.constexpr,  # >= rotary_dim / 2, a power of two
     BLOCK_HQ: tl.constexpr,  # heads of q rotated at once
@@ -290,22 +311,22 @@ def _rope_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_seq
     s = pid % n_seq
-    c1, c2 = _load_pairs(cos_ptr + b * stride_cos_b + s * stride_cos_s, stride_cos_d, rotary_dim, INTERLEAVED, BLOCK_HALF)
-    s1, s2 = _load_pairs(sin_ptr + b * stride_sin_b + s * stride_sin_s, stride_sin_d, rotary_dim, INTERLEAVED, BLOCK_HALF)
+    c1, c2 = _load_pairs(cos_ptr + b * stride_cos_b + s * stride_cos_s, stride_cos_d, rotary_dim, TABLE_INTERLEAVED, BLOCK_HALF)
+    s1, s2 = _load_pairs(sin_ptr + b * stride_sin_b + s * stride_sin_s, stride_sin_d, rotary_dim, TABLE_INTERLEAVED, BLOCK_HALF)
     if BACKWARD:
         s1, s2 = -s2, -s1
     _rope_heads(
         q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
         stride_q_h, stride_q_d, stride_qo_h, stride_qo_d,
         n_q_heads, head_dim, rotary_dim, c1, c2, s1, s2,
-        INTERLEAVED, BLOCK_HALF, BLOCK_HQ, BLOCK_PASS,
+        IN_INTERLEAVED, OUT_INTERLEAVED, BLOCK_HALF, BLOCK_HQ, BLOCK_PASS,
     )
     if HAS_K:
         _rope_heads(
             k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
             stride_k_h, stride_k_d, stride_ko_h, stride_ko_d,
             n_k_heads, head_dim, rotary_dim, c1, c2, s1, s2,
-            INTERLEAVED, BLOCK_HALF, BLOCK_HK, BLOCK_PASS,
+            IN_INTERLEAVED, OUT_INTERLEAVED, BLOCK_HALF, BLOCK_HK, BLOCK_PASS,
         )
 
 
@@ -318,6 +339,7 @@ def rope_launch(
     interleaved: bool,
     backward: bool,
     layout: RopeLayout,
+    deinterleave: bool = False,
 ) -> None:
     """Launch ``_rope_kernel`` once for one or two tensors ``xs`` (q, k), writing ``outs``."""
     q, q_out = xs[0], outs[0]
@@ -333,6 +355,7 @@ def rope_launch(
     # cos/sin [b or 1, s or 1, 1, r]: the batch and seq strides are 0 where they broadcast
     cos_strides, sin_strides = (_sizes_strides4(t, dims)[1] for t in (cos, sin))
     block_half = next_power_of_2(rotary_dim // 2)
+    x_pairs, y_pairs, table_pairs = (bool(p) for p in pairings(interleaved, deinterleave, backward))
     tile = _TILE_INTERLEAVED if interleaved else _TILE
 
     def block_h(n_heads):
@@ -346,7 +369,7 @@ def rope_launch(
             *k_strides, *_sizes_strides4(k_out, dims)[1],
             cos_strides[0], cos_strides[1], cos_strides[3],
             sin_strides[0], sin_strides[1], sin_strides[3],
-            HAS_K=has_k, INTERLEAVED=bool(interleaved), BACKWARD=bool(backward),
+            HAS_K=has_k, IN_INTERLEAVED=x_pairs, OUT_INTERLEAVED=y_pairs, TABLE_INTERLEAVED=table_pairs, BACKWARD=bool(backward),
             BLOCK_HALF=block_half, BLOCK_HQ=block_h(n_q_heads), BLOCK_HK=block_h(max(n_k_heads, 1)),
             BLOCK_PASS=_PASS_BLOCK,
             num_warps=_NUM_WARPS,
@@ -372,14 +395,15 @@ def _empty(xs: list, out_dtypes: list, out_strides: Optional[list]) -> list:
     return [torch.empty_strided(x.shape, st, dtype=d, device=x.device) for x, d, st in zip(xs, out_dtypes, out_strides)]
 
 
-def _rotate(xs: list, out_dtypes: list, cos, sin, rotary_dim: int, interleaved: bool, backward: bool, out_strides=None) -> list:
-    layout = _check(xs[0], xs[1] if len(xs) > 1 else None, cos, sin, rotary_dim, interleaved)
+def _rotate(xs: list, out_dtypes: list, cos, sin, rotary_dim: int, interleaved: bool, backward: bool, out_strides=None,
+            deinterleave: bool = False) -> list:
+    layout = _check(xs[0], xs[1] if len(xs) > 1 else None, cos, sin, rotary_dim, interleaved, deinterleave)
     outs = _empty(xs, out_dtypes, out_strides)
     if _use_kernel(xs, cos, sin):
-        rope_launch(xs, outs, cos, sin, rotary_dim, interleaved, backward, layout)
+        rope_launch(xs, outs, cos, sin, rotary_dim, interleaved, backward, layout, deinterleave)
     else:
         for x, out in zip(xs, outs):
-            out.copy_(rope_reference(x, cos, sin, rotary_dim, interleaved, backward, out.dtype))
+            out.copy_(rope_reference(x, cos, sin, rotary_dim, interleaved, backward, out.dtype, deinterleave))
     return outs
 
 
@@ -392,13 +416,15 @@ def rope(
     rotary_dim: int,
     interleaved: bool,
     out_dtype: Optional[torch.dtype],
+    deinterleave: bool,
 ) -> list[torch.Tensor]:
     """``[x * cos + rot(x) * sin for x in (q, k)]`` on the first ``rotary_dim`` channels (module docstring).
 
-    Results in ``out_dtype``, or (None) in the dtype eager's expression promotes to.
+    Results in ``out_dtype``, or (None) in the dtype eager's expression promotes to; ``deinterleave``:
+    interleaved pairs in, halves out (DeepSeek-V3).
     """
     xs = [q] if k is None else [q, k]
-    return _rotate(xs, _out_dtypes(xs, cos, sin, out_dtype), cos, sin, rotary_dim, interleaved, False)
+    return _rotate(xs, _out_dtypes(xs, cos, sin, out_dtype), cos, sin, rotary_dim, interleaved, False, None, deinterleave)
 
 
 def _out_dtypes(xs, cos, sin, out_dtype):
@@ -406,8 +432,8 @@ def _out_dtypes(xs, cos, sin, out_dtype):
 
 
 @rope.register_fake
-def _rope_fake(q, k, cos, sin, rotary_dim, interleaved, out_dtype):
-    _check(q, k, cos, sin, rotary_dim, interleaved)
+def _rope_fake(q, k, cos, sin, rotary_dim, interleaved, out_dtype, deinterleave):
+    _check(q, k, cos, sin, rotary_dim, interleaved, deinterleave)
     xs = [q] if k is None else [q, k]
     return [torch.empty_like(x, dtype=d) for x, d in zip(xs, _out_dtypes(xs, cos, sin, out_dtype))]
 
@@ -424,6 +450,7 @@ def rope_backward(
     k_dtype: Optional[torch.dtype],
     q_strides: list[int],
     k_strides: Optional[list[int]],
+    deinterleave: bool,
 ) -> list[torch.Tensor]:
     """The input gradients of ``slothc::rope``: the transposed rotation of ``dq`` (and ``dk``).
 
@@ -434,26 +461,26 @@ def rope_backward(
     """
     xs = [dq] if dk is None else [dq, dk]
     strides = [q_strides] if dk is None else [q_strides, k_strides]
-    return _rotate(xs, [q_dtype, k_dtype][: len(xs)], cos, sin, rotary_dim, interleaved, True, strides)
+    return _rotate(xs, [q_dtype, k_dtype][: len(xs)], cos, sin, rotary_dim, interleaved, True, strides, deinterleave)
 
 
 @rope_backward.register_fake
-def _rope_backward_fake(dq, dk, cos, sin, rotary_dim, interleaved, q_dtype, k_dtype, q_strides, k_strides):
-    _check(dq, dk, cos, sin, rotary_dim, interleaved)
+def _rope_backward_fake(dq, dk, cos, sin, rotary_dim, interleaved, q_dtype, k_dtype, q_strides, k_strides, deinterleave):
+    _check(dq, dk, cos, sin, rotary_dim, interleaved, deinterleave)
     xs = [dq] if dk is None else [dq, dk]
     strides = [q_strides] if dk is None else [q_strides, k_strides]
     return _empty(xs, [q_dtype, k_dtype][: len(xs)], strides)
 
 
 def _rope_setup_context(ctx, inputs, output):
-    q, k, cos, sin, rotary_dim, interleaved, out_dtype = inputs
+    q, k, cos, sin, rotary_dim, interleaved, out_dtype, deinterleave = inputs
     if cos.requires_grad or sin.requires_grad:
         raise NotImplementedError(
             "slothc::rope computes no gradient for cos/sin; pass detached cos and sin "
             "(the rope pass leaves such graphs unfused)"
         )
     ctx.save_for_backward(cos, sin)
-    ctx.rotary_dim, ctx.interleaved = rotary_dim, interleaved
+    ctx.rotary_dim, ctx.interleaved, ctx.deinterleave = rotary_dim, interleaved, deinterleave
     ctx.q_dtype = q.dtype
     ctx.k_dtype = k.dtype if k is not None else None
     # The results' strides are q's and k's layout (empty_like): the gradients are written in it.
@@ -469,12 +496,13 @@ def _rope_autograd_backward(ctx, grads):
     if pairs:
         second = pairs[1] if len(pairs) > 1 else (None, None, None)
         results = torch.ops.slothc.rope_backward(
-            pairs[0][0], second[0], cos, sin, ctx.rotary_dim, ctx.interleaved, pairs[0][1], second[1], pairs[0][2], second[2]
+            pairs[0][0], second[0], cos, sin, ctx.rotary_dim, ctx.interleaved, pairs[0][1], second[1], pairs[0][2], second[2],
+            ctx.deinterleave,
         )
     results = iter(results)
     dq_out = next(results) if dq is not None else None
     dk_out = next(results) if dk is not None else None
-    return dq_out, dk_out, None, None, None, None, None
+    return dq_out, dk_out, None, None, None, None, None, None
 
 
 torch.library.register_autograd("slothc::rope", _rope_autograd_backward, setup_context=_rope_setup_context)

@@ -18,7 +18,8 @@ Canonical form
   argument positionally, defaults filled; ``F.gelu`` always has its keyword-only ``approximate``;
 - ``x @ w.T`` (``w`` 2-d; ``w.t()``, ``w.transpose(0, 1)``) is ``F.linear(x, w, None)``;
   reduction dims are negative ints (``mean(x, 2)`` on a 3-d tensor is ``mean(x, -1)``; ``[-1]`` is ``-1``);
-- ``torch.cat``/``torch.stack`` take ``(tensors, dim)`` and ``flatten`` (method or function) is
+- ``torch.cat``/``torch.stack`` take ``(tensors, dim)``, ``chunk`` (method or function) is
+  ``torch.chunk(x, chunks, dim)``, and ``flatten`` (method or function) is
   ``torch.Tensor.flatten(x, start_dim, end_dim)``, positionally, with negative dims;
 - an index that spells every leading dim as ``:`` (``x[:, :, :, ::2]`` on a 4-d x) is ``x[..., ::2]``;
   slices have no 0 start or 1 step (``0::2`` is ``::2``);
@@ -351,6 +352,18 @@ def _cat_rule(node: Node) -> bool:
     return True
 
 
+def _chunk_rule(node: Node) -> bool:
+    """``x.chunk(n, dim=d)``/``torch.chunk`` -> ``torch.chunk(x, n, d - rank)``: positional, negative dim."""
+    args = _filled(node, ("input", "chunks", "dim"), (_REQUIRED, _REQUIRED, 0))
+    if args is None:
+        return False
+    args[2] = _negative(args[2], _rank(args[0]))
+    if node.target is torch.chunk and tuple(args) == tuple(node.args) and not node.kwargs:
+        return False
+    _set(node, torch.chunk, args)
+    return True
+
+
 def _flatten_rule(node: Node) -> bool:
     """``x.flatten(s, e)``/``torch.flatten`` -> ``torch.Tensor.flatten(x, s, e)``: positional, negative dims."""
     args = _filled(node, ("input", "start_dim", "end_dim"), (_REQUIRED, 0, -1))
@@ -434,6 +447,8 @@ _RULES = {
     operator.mul: (_pow_rule,),
     torch.cat: (_cat_rule,),
     torch.stack: (_cat_rule,),
+    torch.chunk: (_chunk_rule,),
+    torch.Tensor.chunk: (_chunk_rule,),
     torch.Tensor.flatten: (_flatten_rule,),
     torch.flatten: (_flatten_rule,),
     operator.getitem: (_index_rule,),

@@ -12,6 +12,16 @@ with ``rot`` one of
 - ``interleaved`` (GPT-J's ``rotate_every_two``, Cohere, GLM, ERNIE, RoFormer):
   ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``.
 
+DeepSeek-V3 and the MLA models that share its code (GLM-4-MoE-Lite, Youtu, ...) rotate interleaved
+pairs with one angle a pair and lay the result out in halves::
+
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)      # cos, sin: [..., rotary_dim / 2]
+
+which is the op's ``deinterleave`` form with cos and sin repeated over the halves
+(``cat((cos, cos), -1)``: the same values at both channels of a pair). GPT-OSS writes the same with
+halves in (``x1, x2 = chunk(x, 2, -1)``): rotate_half with the tables repeated.
+
 Around it, in any combination:
 
 - ``partial`` (Phi, GPT-NeoX, StableLM, Phi-3, GLM): ``cat((rope(x[..., :d]), x[..., d:]), -1)``,
@@ -58,6 +68,7 @@ ODD_ROTARY_DIM = "odd rotary dim"
 SLICE_NOT_CONSTANT = "the rotary dim is not a constant"
 NOT_ROPE_FORM = "rotation not in the form x * cos + rotate(x) * sin (e.g. scaled inside the rotation)"
 COMPLEX_ROTATION = "rotation as a complex product (view_as_complex(x) * freqs_cis) is not matched"
+NOT_HALF_TABLES = "cos/sin are not half the rotated width (one angle a pair)"
 
 _OP = torch.ops.slothc.rope.default
 
@@ -121,6 +132,23 @@ def _rope_interleaved_alone_pattern(x):
     return _rotate_pairs(x)
 
 
+def _pairs_rotated(x1, x2, cos, sin):  # one angle a pair, the result in halves
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def _rope_deinterleave_pattern(x, cos, sin):  # DeepSeek-V3: interleaved pairs in, halves out
+    return _pairs_rotated(x[..., ::2], x[..., 1::2], cos, sin)
+
+
+def _rope_half_tables_chunk_pattern(x, cos, sin):  # GPT-OSS: halves in and out
+    halves = torch.chunk(x, 2, -1)
+    return _pairs_rotated(halves[0], halves[1], cos, sin)
+
+
+def _rope_half_tables_slice_pattern(x, cos, sin, h):
+    return _pairs_rotated(x[..., :h], x[..., h:], cos, sin)
+
+
 def _rope_complex_pattern(x, freqs):  # Llama 4: view_as_real(view_as_complex(x) * freqs_cis)
     return torch.view_as_real(torch.view_as_complex(x) * freqs)
 
@@ -137,7 +165,7 @@ def _rotary_dim(m) -> int | str:
     return width if type(width) is int else SLICE_NOT_CONSTANT
 
 
-def _rope_check(m) -> str | None:
+def _operands_check(m) -> str | None:
     x, cos, sin = m.val("x"), m.val("cos"), m.val("sin")
     if not all(isinstance(t, torch.Tensor) for t in (x, cos, sin)):
         return NOT_A_TENSOR
@@ -149,6 +177,14 @@ def _rope_check(m) -> str | None:
         return COS_SIN_NEED_GRAD
     if cos.shape != sin.shape:
         return COS_SIN_SHAPES
+    return None
+
+
+def _rope_check(m) -> str | None:
+    reason = _operands_check(m)
+    if reason:
+        return reason
+    x, cos = m.val("x"), m.val("cos")
     rotary_dim = _rotary_dim(m)
     if isinstance(rotary_dim, str):
         return rotary_dim
@@ -161,6 +197,24 @@ def _rope_check(m) -> str | None:
     if isinstance(layout, str):
         return layout
     return None
+
+
+def _half_tables_check(m) -> str | None:
+    reason = _operands_check(m)
+    if reason:
+        return reason
+    x, cos = m.val("x"), m.val("cos")
+    width = _rotary_dim(m)
+    if isinstance(width, str):
+        return width
+    if width % 2:
+        return ODD_ROTARY_DIM
+    if "h" in m.captures and (type(m["h"]) is not int or 2 * m["h"] != width):
+        return UNEQUAL_HALVES
+    if cos.dim() == 0 or cos.shape[-1] != width // 2:
+        return NOT_HALF_TABLES
+    layout = rope_kernels.rope_layout([tuple(x.shape)], tuple(cos.shape[:-1]) + (width,), width)
+    return layout if isinstance(layout, str) else None
 
 
 def _alone_check(m) -> str:
@@ -192,7 +246,16 @@ def _replacement(rotation: str, precision: str):
         out_dtype = m.val("x").dtype if precision != "plain" else None
         if rotation == "rotate_half_flipped":
             sin = -sin  # x*c + (x2, -x1)*s is x*c + (-x2, x1)*(-s)
-        return _OP(x, None, cos, sin, rotary_dim, interleaved, out_dtype)[0]
+        return _OP(x, None, cos, sin, rotary_dim, interleaved, out_dtype, False)[0]
+
+    return replace
+
+
+def _half_tables_replacement(interleaved: bool):
+    def replace(m, x, cos, sin, **_):
+        m.state["variant"] = "interleaved pairs to halves" if interleaved else "rotate_half, one angle a pair"
+        width = m.val("x").shape[-1]
+        return _OP(x, None, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1), width, interleaved, None, interleaved)[0]
 
     return replace
 
@@ -205,6 +268,13 @@ RULES = RuleSet(
         for partial in (True, False)
         for precision in ("upcast", "upcast_after", "plain")
         for rotation in ("rotate_half", "rotate_half_flipped", "interleaved")
+    ]
+    + [
+        Rule("rope", "interleaved pairs to halves", _rope_deinterleave_pattern, _half_tables_replacement(True), _half_tables_check),
+        Rule("rope", "rotate_half, one angle a pair", _rope_half_tables_chunk_pattern, _half_tables_replacement(False),
+             _half_tables_check),
+        Rule("rope", "rotate_half, one angle a pair", _rope_half_tables_slice_pattern, _half_tables_replacement(False),
+             _half_tables_check),
     ]
 )
 REPORT_ONLY = RuleSet(
@@ -221,7 +291,8 @@ REPORT_ONLY = RuleSet(
 
 _SAME_VALUE_TARGETS = frozenset(
     {operator.getitem, torch.repeat_interleave, torch.Tensor.repeat_interleave, torch.Tensor.unsqueeze,
-     torch.unsqueeze, torch.Tensor.to, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand, operator.neg}
+     torch.unsqueeze, torch.Tensor.to, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand, operator.neg,
+     torch.cat}
 )
 
 
@@ -294,9 +365,9 @@ def _merge(graph: Graph, a: Node, b: Node, order: dict) -> bool:
         anchor = a  # b's tensor exists already (a's cos/sin are the ones the call reads)
     else:
         return False
-    _, _, cos, sin, rotary_dim, interleaved, out_dtype = a.args
+    _, _, cos, sin, *rest = a.args
     with graph.inserting_before(anchor):
-        call = graph.call_function(_OP, (a.args[0], b.args[0], cos, sin, rotary_dim, interleaved, out_dtype))
+        call = graph.call_function(_OP, (a.args[0], b.args[0], cos, sin, *rest))
         getters = [graph.call_function(operator.getitem, (call, i)) for i in range(2)]
     if not propagate([call, *getters], anchor):
         for node in reversed([call, *getters]):

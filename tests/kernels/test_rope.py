@@ -1,7 +1,9 @@
 """slothc::rope against Hugging Face's own rotary code (rotate_half, interleaved, partial rotary).
 
 The eager references are transformers' functions: Llama's ``apply_rotary_pos_emb`` (rotate_half,
-``unsqueeze_dim``), Cohere's (interleaved pairs) and the partial-rotary split of Phi-3 / GPT-NeoX /
+``unsqueeze_dim``), Cohere's (interleaved pairs), DeepSeek-V3's ``apply_rotary_pos_emb_interleave``
+(interleaved pairs in, halves out, one angle a pair: the op's ``deinterleave``), GPT-OSS's
+(halves, one angle a pair) and the partial-rotary split of Phi-3 / GPT-NeoX /
 StableLM (``cat([rotate(x[..., :r]), x[..., r:]])``). q and k come as the models make them: views of
 one projection's output (``[B, S, H*D] -> [B, S, H, D]``, transposed for heads-first attention), or
 of a fused qkv projection (rows not adjacent). cos and sin are real rotary tables (cos/sin repeated
@@ -16,6 +18,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_apply_rotary_pos_emb
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave as deepseek_apply_rotary_pos_emb
+from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb as gpt_oss_apply_rotary_pos_emb
 from transformers.models.gptj.modeling_gptj import rotate_every_two
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply_rotary_pos_emb
 
@@ -25,6 +29,9 @@ from tests.helpers import count_calls
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAD_DIMS = (64, 80, 96, 128, 256)
+STYLES = ("llama", "gptj", "cohere", "deepseek", "gpt_oss")
+INTERLEAVED_TABLES = ("gptj", "cohere")  # cos/sin repeated over each pair (else over the halves)
+HALF_TABLES = ("deepseek", "gpt_oss")  # the model reads one angle a pair: the first half of the table
 
 
 def _gptj_apply(q, k, cos, sin, unsqueeze_dim):
@@ -38,6 +45,11 @@ def _apply(style):
         return lambda q, k, cos, sin, unsqueeze_dim: llama_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     if style == "cohere":  # interleaved, computed in fp32 and cast back to q's dtype
         return lambda q, k, cos, sin, unsqueeze_dim: cohere_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    if style == "deepseek":  # slices its [.., r] tables to [.., r/2] itself
+        return lambda q, k, cos, sin, unsqueeze_dim: deepseek_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    if style == "gpt_oss":  # its rotary module makes [.., r/2] tables
+        return lambda q, k, cos, sin, unsqueeze_dim: gpt_oss_apply_rotary_pos_emb(
+            q, k, cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2], unsqueeze_dim=unsqueeze_dim)
     return _gptj_apply
 
 
@@ -53,9 +65,14 @@ def eager_rope(q, k, cos, sin, rotary_dim, style, unsqueeze_dim):
 
 
 def fused_rope(q, k, cos, sin, rotary_dim, style, unsqueeze_dim):
+    """The op as the pass calls it for ``style`` (one angle a pair: the half table repeated over the halves)."""
     out_dtype = q.dtype if style == "cohere" else None
+    if style in HALF_TABLES:
+        half = cos.shape[-1] // 2
+        cos, sin = (torch.cat((t[..., :half], t[..., :half]), -1) for t in (cos, sin))
     c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return torch.ops.slothc.rope(q, k, c, s, rotary_dim, style != "llama", out_dtype)
+    interleaved = style in INTERLEAVED_TABLES or style == "deepseek"
+    return torch.ops.slothc.rope(q, k, c, s, rotary_dim, interleaved, out_dtype, style == "deepseek")
 
 
 def rotary_tables(batch, seq, rotary_dim, dtype, seed, interleaved, arbitrary=False):
@@ -106,7 +123,7 @@ def rope_cases(draw):
     precision = draw(st.sampled_from(["fp32", "bf16", "fp16", "autocast"]))
     return dict(
         head_dim=head_dim, rotary_dim=rotary_dim, q_heads=q_heads, kv_heads=kv_heads, batch=batch, seq=seq,
-        precision=precision, style=draw(st.sampled_from(["llama", "gptj", "cohere"])), heads_first=draw(st.booleans()),
+        precision=precision, style=draw(st.sampled_from(STYLES)), heads_first=draw(st.booleans()),
         form=draw(st.sampled_from(["contiguous", "transposed", "fused_qkv"])), with_k=draw(st.booleans()),
         cos_batch=draw(st.sampled_from(["batch", "broadcast"])), arbitrary=draw(st.booleans()), seed=draw(testing.seeds()),
     )
@@ -120,7 +137,7 @@ def _inputs(case):
     q = projected(b, s, case["q_heads"], d, dtype, seed, case["form"], case["heads_first"], extra=2 * case["kv_heads"] * d)
     k = projected(b, s, case["kv_heads"], d, dtype, seed + 1, case["form"], case["heads_first"]) if case["with_k"] else None
     cos_b = b if case["cos_batch"] == "batch" else 1
-    cos, sin = rotary_tables(cos_b, s, case["rotary_dim"], table_dtype, seed, case["style"] != "llama", case["arbitrary"])
+    cos, sin = rotary_tables(cos_b, s, case["rotary_dim"], table_dtype, seed, case["style"] in INTERLEAVED_TABLES, case["arbitrary"])
     return q, k, cos, sin
 
 
@@ -139,7 +156,7 @@ def test_rope_matches_eager(path, case):
         )
 
 
-@pytest.mark.parametrize("style", ["llama", "gptj", "cohere"])
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (80, 20), (96, 18), (64, 2)])
 def test_head_dims_and_rotary_dims(head_dim, rotary_dim, style):
     # Every head dim of the issue, partial rotary with an odd half (18 / 2 = 9) and a single pair.
@@ -229,35 +246,39 @@ def test_opcheck_rope(with_k, heads_first):
     q, k, cos, sin = _inputs(case)
     dim = 1 if heads_first else 2
     c, s = cos.unsqueeze(dim), sin.unsqueeze(dim)
-    torch.library.opcheck(torch.ops.slothc.rope.default, (q, k, c, s, 16, heads_first, None))
-    torch.library.opcheck(torch.ops.slothc.rope.default, (q, k, c, s, 16, heads_first, torch.float16))
-    dq = torch.randn(q.shape, device=DEVICE, dtype=torch.float32)
-    dk = torch.randn(k.shape, device=DEVICE, dtype=torch.float32) if with_k else None
-    q_out = torch.ops.slothc.rope(q, k, c, s, 16, heads_first, None)
-    strides = [list(t.stride()) for t in q_out] + [None]
-    torch.library.opcheck(
-        torch.ops.slothc.rope_backward.default,
-        (dq, dk, c, s, 16, heads_first, q.dtype, k.dtype if with_k else None, strides[0], strides[1] if with_k else None),
-    )
+    for deinterleave in (False, True) if heads_first else (False,):
+        torch.library.opcheck(torch.ops.slothc.rope.default, (q, k, c, s, 16, heads_first, None, deinterleave))
+        torch.library.opcheck(torch.ops.slothc.rope.default, (q, k, c, s, 16, heads_first, torch.float16, deinterleave))
+        dq = torch.randn(q.shape, device=DEVICE, dtype=torch.float32)
+        dk = torch.randn(k.shape, device=DEVICE, dtype=torch.float32) if with_k else None
+        q_out = torch.ops.slothc.rope(q, k, c, s, 16, heads_first, None, deinterleave)
+        strides = [list(t.stride()) for t in q_out] + [None]
+        torch.library.opcheck(
+            torch.ops.slothc.rope_backward.default,
+            (dq, dk, c, s, 16, heads_first, q.dtype, k.dtype if with_k else None, strides[0], strides[1] if with_k else None,
+             deinterleave),
+        )
 
 
 def test_bad_input_is_a_clear_error():
     q, cos = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
     with pytest.raises(ValueError, match="must have one shape"):
-        torch.ops.slothc.rope(q, None, cos, cos[..., :4], 8, False, None)
+        torch.ops.slothc.rope(q, None, cos, cos[..., :4], 8, False, None, False)
     with pytest.raises(ValueError, match="positive even int"):
-        torch.ops.slothc.rope(q, None, cos[..., :7], cos[..., :7], 7, False, None)
+        torch.ops.slothc.rope(q, None, cos[..., :7], cos[..., :7], 7, False, None, False)
     with pytest.raises(ValueError, match="smaller than rotary_dim"):
-        torch.ops.slothc.rope(q[..., :4], None, cos, cos, 8, False, None)
+        torch.ops.slothc.rope(q[..., :4], None, cos, cos, 8, False, None, False)
     with pytest.raises(ValueError, match="broadcast beyond"):
-        torch.ops.slothc.rope(q, None, torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8), 8, False, None)
+        torch.ops.slothc.rope(q, None, torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8), 8, False, None, False)
     with pytest.raises(ValueError, match="no head dim"):
         full = torch.randn(2, 2, 3, 8)
-        torch.ops.slothc.rope(full, None, full, full, 8, False, None)
+        torch.ops.slothc.rope(full, None, full, full, 8, False, None, False)
     with pytest.raises(ValueError, match="differ in batch or sequence size"):
-        torch.ops.slothc.rope(q, torch.randn(2, 2, 3, 8), cos, cos, 8, False, None)
+        torch.ops.slothc.rope(q, torch.randn(2, 2, 3, 8), cos, cos, 8, False, None, False)
+    with pytest.raises(ValueError, match="needs interleaved=True"):
+        torch.ops.slothc.rope(q, None, cos, cos, 8, False, None, True)
     with pytest.raises(NotImplementedError, match="no gradient for cos/sin"):
-        torch.ops.slothc.rope(q, None, cos.requires_grad_(), cos, 8, False, None)
+        torch.ops.slothc.rope(q, None, cos.requires_grad_(), cos, 8, False, None, False)
 
 
 def test_reference_is_the_transposed_rotation():
@@ -265,7 +286,7 @@ def test_reference_is_the_transposed_rotation():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 5, 12, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 12, generator=g, dtype=torch.float64)
     cos, sin = torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64)
-    for interleaved in (False, True):
-        fwd = rope_module.rope_reference(x, cos, sin, 8, interleaved)
-        bwd = rope_module.rope_reference(y, cos, sin, 8, interleaved, backward=True)
+    for interleaved, deinterleave in ((False, False), (True, False), (True, True)):
+        fwd = rope_module.rope_reference(x, cos, sin, 8, interleaved, deinterleave=deinterleave)
+        bwd = rope_module.rope_reference(y, cos, sin, 8, interleaved, backward=True, deinterleave=deinterleave)
         torch.testing.assert_close((fwd * y).sum(), (x * bwd).sum())
