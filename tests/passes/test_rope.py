@@ -17,8 +17,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.cohere import modeling_cohere
+from transformers.models.deepseek_v3 import modeling_deepseek_v3
 from transformers.models.ernie4_5 import modeling_ernie4_5
 from transformers.models.glm import modeling_glm
+from transformers.models.gpt_oss import modeling_gpt_oss
 from transformers.models.gptj import modeling_gptj
 from transformers.models.llama import modeling_llama
 from transformers.models.llama4 import modeling_llama4
@@ -45,7 +47,11 @@ FAMILIES = {
     "nanochat": (modeling_nanochat.apply_rotary_pos_emb, True, False),  # rotate_half with flipped signs
     "modernbert_decoder": (modeling_modernbert_decoder.apply_rotary_pos_emb, True, False),  # q.float() twice
     "ernie4_5": (modeling_ernie4_5.apply_rotary_pos_emb, True, True),  # GLM's tables, rotate then upcast
+    # interleaved pairs in, halves out, the first half of rotate_half's tables (one angle a pair)
+    "deepseek_v3": (modeling_deepseek_v3.apply_rotary_pos_emb_interleave, True, True),
+    "gpt_oss": (modeling_gpt_oss.apply_rotary_pos_emb, True, False),  # halves, tables of one angle a pair
 }
+HALF_TABLES = ("deepseek_v3", "gpt_oss")  # the op gets cat((cos, cos), -1): two cats stay in the graph
 
 
 def _tables(batch, seq, width, interleaved, dtype=torch.float32, seed=0):
@@ -86,9 +92,12 @@ def _inputs(model, batch=2, seq=5, dtype=torch.float32, seed=0):
     if model.family == "gptj":  # GPT-J's sincos table: one entry a pair
         cos, sin = _tables(batch, seq, model.rotary_dim, False, dtype, seed)
         return x, cos[..., : model.rotary_dim // 2], sin[..., : model.rotary_dim // 2]
-    if model.family in ("glm", "ernie4_5"):  # GLM's table: the first half is repeated per pair by apply_rotary_pos_emb
+    if model.family in ("glm", "ernie4_5", "deepseek_v3"):  # the first half is read (per pair) by apply_rotary_pos_emb
         cos, sin = _tables(batch, seq, model.rotary_dim, False, dtype, seed)
         return x, cos, sin
+    if model.family == "gpt_oss":  # its rotary module makes one angle a pair
+        cos, sin = _tables(batch, seq, model.rotary_dim, False, dtype, seed)
+        return x, cos[..., : model.rotary_dim // 2], sin[..., : model.rotary_dim // 2]
     cos, sin = _tables(batch, seq, model.rotary_dim, interleaved, dtype, seed)
     return x, cos, sin
 
@@ -137,7 +146,7 @@ def test_each_family_fuses_q_and_k_in_one_call(family):
         assert "sin negated" in variant
     # the rotation is gone from the graph: no cat/stack left, no neg but NanoChat's one -sin
     left = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.cat, torch.stack, operator.neg)]
-    assert left == ([operator.neg] if family == "nanochat" else [])
+    assert left == ([operator.neg] if family == "nanochat" else [torch.cat] * 2 if family in HALF_TABLES else [])
 
 
 @given(
