@@ -3,6 +3,7 @@
     slothc coverage                                  # every architecture; table in the current folder
     slothc coverage --arch llama qwen3 gemma2        # some
     slothc coverage --out-dir docs --jobs 2          # Markdown + JSON into docs/
+    slothc coverage --arch dots1 --update docs/coverage-transformers-5.24.0.json   # rerun rows of a committed table
 
 For each ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, in its own process (a crash or a
 hang costs that architecture only; ``--budget-s`` bounds each one):
@@ -25,9 +26,16 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    and RoPE where there is one.
 
 Rows: ``status`` (``ok``, ``failed`` with the error, ``eager failed``: the model does not train
-without slothc either, ``timeout``), ``correct``, ``fused`` and ``candidates`` per kind, ``skipped``
-(the report's reasons), seconds. The summary line: ``N architectures: X correct, Y fully fused, Z
-failed``.
+without slothc either, ``timeout``, ``not a text decoder``), ``correct``, ``fused`` and ``candidates``
+per kind, ``skipped`` (the report's reasons), seconds. The summary line: ``N architectures: X correct,
+Y fully fused, Z failed``, then the architectures that are no decoder of text alone and the share of
+the others that is correct.
+
+Not a text decoder: an architecture whose text-only step does not build or train in eager, and whose
+classes say it needs more than text (``not_a_text_decoder``): its tokens are audio codebooks (the
+config's ``num_codebooks``), it reads a backbone model's states (a ``backbone_*`` config field: a
+speculative-decoding assistant), or its model class declares ``input_modalities`` other than text
+(image, audio). Its row keeps the error; it is not counted as a failure nor in the text decoders.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import time
 import traceback
 
 KINDS = ("norm", "rope", "lora", "mlp", "loss")
+NOT_TEXT = "not a text decoder"  # the status of an excluded architecture (module docstring)
 K = 4.0  # slothc's error may be this many times eager's (plus the floor): the e2e tests' bound
 
 
@@ -129,15 +138,39 @@ def no_dropout(model) -> None:
                 setattr(m, key, 0.0)
 
 
+def _not_tensor_linears(model) -> set:
+    """Names of the ``nn.Linear`` subclasses whose own ``forward`` returns no tensor (Llama 4's and
+    PhiMoE's routers return scores and indices): PEFT's LoRA wrapper reads ``.dtype`` of the result."""
+    import torch
+
+    names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and type(m).forward is not torch.nn.Linear.forward:
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a router's jitter draws no adapter init
+                    out = m(torch.zeros(1, 1, m.in_features, dtype=m.weight.dtype))
+            except Exception:  # noqa: BLE001  (needs other arguments: left to PEFT)
+                continue
+            if not isinstance(out, torch.Tensor):
+                names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
 def _with_lora(model, row: dict):
     """PEFT LoRA on all linear layers; where PEFT refuses some of them (Mamba's ``out_proj`` and
-    ``conv1d``), on every other linear, and the row says which were left out."""
+    ``conv1d``) or cannot wrap them (a linear whose forward returns a tuple), on every other linear,
+    and the row says which were left out."""
     import re
 
     import torch
 
     from slothc import tiny
 
+    linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    no_tensor = _not_tensor_linears(model)
+    if no_tensor:
+        row["lora_targets"] = f"all linear but {', '.join(sorted(no_tensor))} (a linear whose forward returns no tensor)"
+        return tiny.add_lora(model, target_modules=sorted(linears - no_tensor), init_lora_weights=False)
     try:
         return tiny.add_lora(copy.deepcopy(model), init_lora_weights=False)  # a refusal leaves its model half wrapped
     except ValueError as e:
@@ -145,9 +178,36 @@ def _with_lora(model, row: dict):
         if not found:
             raise
         refused = {name.strip(" '\"") for name in found.group(1).split(",")}
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - refused - {"lm_head"}
         row["lora_targets"] = f"all linear but {', '.join(sorted(refused))} (PEFT refuses them)"
-        return tiny.add_lora(model, target_modules=sorted(names), init_lora_weights=False)
+        return tiny.add_lora(model, target_modules=sorted(linears - refused), init_lora_weights=False)
+
+
+def not_a_text_decoder(arch: str) -> str | None:
+    """What ``arch`` needs besides text, read from its causal-LM class and that class's config class
+    (their declarations, not an instance: some default configs do not validate), else None."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[arch]]
+    config_cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[arch]
+    fields = {f.name: f.default for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else {}
+    if isinstance(fields.get("num_codebooks"), int) and fields["num_codebooks"] > 1:
+        return "needs audio codebook tokens (num_codebooks)"
+    backbone = sorted(n for n in fields if n.startswith("backbone_"))
+    if backbone:
+        return f"needs a backbone model's states ({backbone[0]}: an assistant model)"
+    modalities = getattr(model_cls, "input_modalities", ("text",))
+    other = [m for m in ((modalities,) if isinstance(modalities, str) else modalities) if m != "text"]
+    if other:
+        return f"needs {' and '.join(other)} input ({model_cls.__name__})"
+    return None
+
+
+def _excluded(row: dict) -> dict:
+    """A row that did not build or train in eager, marked ``not a text decoder`` where the classes say so."""
+    why = not_a_text_decoder(row["arch"])
+    return {**row, "status": NOT_TEXT, "needs": why, "text_status": row["status"]} if why else row
 
 
 def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_eager") -> dict:
@@ -167,7 +227,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
         ref_model = copy.deepcopy(model).double()
         fused_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001
-        return {**row, "status": "build failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0}
+        return _excluded({**row, "status": "build failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0})
     try:
         ran: dict = {}
 
@@ -176,7 +236,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
 
         candidates = _candidates(model, eager_step)
     except Exception as e:  # noqa: BLE001
-        return {**row, "status": "eager failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0}
+        return _excluded({**row, "status": "eager failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0})
     try:
         ref_loss, ref_grads = _step(ref_model, batch, fp64=True)
         row["reference"] = "float64"
@@ -240,12 +300,36 @@ def _run_child(arch: str, args) -> dict:
 
 
 def summary(rows: list) -> str:
+    """``N architectures: X correct, Y fully fused, Z failed (W do not build or train without slothc
+    either)``, then the excluded architectures by what they need and the text decoders' share correct."""
     correct = sum(1 for r in rows if r.get("correct"))
     full = sum(1 for r in rows if r.get("correct") and r.get("fully_fused"))
     failed = sum(1 for r in rows if r["status"] in ("failed", "timeout") or (r["status"] == "ok" and not r.get("correct")))
     not_run = sum(1 for r in rows if r["status"] in ("build failed", "eager failed"))
+    excluded: dict = {}
+    for r in rows:
+        if r["status"] == NOT_TEXT:
+            excluded.setdefault(r["needs"].split(" (")[0], []).append(r["arch"])
+    n_excluded = sum(map(len, excluded.values()))
+    text = len(rows) - n_excluded
+    share = f"{100 * correct / text:.1f}%" if text else "-"
+    why = "; ".join(f"{need}: {', '.join(sorted(archs))}" for need, archs in sorted(excluded.items()))
     return (f"{len(rows)} architectures: {correct} correct, {full} fully fused, {failed} failed "
-            f"({not_run} do not build or train without slothc either)")
+            f"({not_run} do not build or train without slothc either); {n_excluded} not text decoders"
+            f"{f' ({why})' if why else ''}; text decoders: {correct} of {text} correct ({share})")
+
+
+def merge(committed: list, new: list) -> list:
+    """The rows of a committed table with those of a partial rerun in place of theirs (by ``arch``),
+    sorted; architectures new to the table are added."""
+    rows = {r["arch"]: r for r in committed}
+    rows.update({r["arch"]: r for r in new})
+    return [rows[a] for a in sorted(rows)]
+
+
+def _cell(text: str, n: int) -> str:
+    """``text`` on one line of a Markdown table cell, at most ``n`` characters."""
+    return " ".join(text.split())[:n].replace("|", "/")
 
 
 def markdown(rows: list, versions: dict) -> str:
@@ -256,8 +340,12 @@ def markdown(rows: list, versions: dict) -> str:
              "| arch | status | equal to eager | fully fused | norm | rope | lora | mlp | loss | skipped (reasons) |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        if r["status"] == NOT_TEXT:
+            lines.append(f"| {r['arch']} | {NOT_TEXT}: {r['needs']}; text only: {r['text_status']}: "
+                         f"{_cell(r.get('error', ''), 100)} | | | | | | | | |")
+            continue
         if r["status"] != "ok":
-            lines.append(f"| {r['arch']} | {r['status']}: {r.get('error', '')[:120].replace('|', '/')} | | | | | | | | |")
+            lines.append(f"| {r['arch']} | {r['status']}: {_cell(r.get('error', ''), 120)} | | | | | | | | |")
             continue
         f, c = r["fused"], r["candidates"]
         cells = " | ".join(f"{f[k]}/{c[k]}" for k in KINDS)
@@ -291,6 +379,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=180.0, help="time budget of one architecture (default 180 s)")
     p.add_argument("--jobs", type=int, default=1, help="architectures checked at once (one process each)")
     p.add_argument("--out-dir", default=None, help="write coverage-<transformers version>.md and .json there")
+    p.add_argument("--update", default=None, metavar="JSON",
+                   help="a committed coverage-*.json: its rows of --arch are replaced by this run's, the summary "
+                        "recomputed from all rows, and it and its .md rewritten")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p
@@ -319,12 +410,27 @@ def main(argv=None) -> int:
     archs = args.arch or tiny.causal_lm_archs()
     for a in archs:
         tiny.check_arch(a)
-    rows = run(archs, args)
     versions = {k: v for k, v in _versions().items() if k in ("torch", "transformers", "peft", "slothc")}
+    committed = None
+    if args.update:
+        with open(args.update) as f:
+            committed = json.load(f)
+        differ = {k: (committed["versions"].get(k), v) for k, v in versions.items()
+                  if k != "slothc" and committed["versions"].get(k) != v}
+        if differ:  # one table, one set of versions
+            raise SystemExit(f"--update: {args.update} was made with other versions ({differ}); rerun every architecture")
+    rows = run(archs, args)
+    if committed is not None:
+        rows = merge(committed["rows"], rows)
+        versions = {**committed["versions"], **versions}
     print(summary(rows), flush=True)
+    stems = []
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"coverage-transformers-{versions['transformers']}")
+        stems.append(os.path.join(args.out_dir, f"coverage-transformers-{versions['transformers']}"))
+    if args.update:
+        stems.append(args.update[: -len(".json")] if args.update.endswith(".json") else args.update)
+    for stem in stems:
         with open(stem + ".json", "w") as f:
             json.dump({"versions": versions, "summary": summary(rows), "rows": rows}, f, indent=1)
         with open(stem + ".md", "w") as f:

@@ -15,9 +15,11 @@ layer count         ``num_hidden_layers`` (``depth`` in vision towers)      ``la
 per-layer list      a list as long as the layer count (``layer_types``)     the entries of kept layers
 layer-index list    increasing layer indices (``moe_layers``)               renumbered, kept layers only
 cycled kinds        a shorter list of kinds (``block_types``)               each kind once
+run-length kinds    ``[[kinds, repeats], ...]`` spanning the layers         the kinds of kept layers, once
 layer period        ``*layer*period``, ``*interval``, ``*step``, ...       at most ``layers``
 special layers      other ``*layer*`` counts (``first_k_dense_replace``)    1 (else 0), or split
-expert count        ``*expert*``: routed / per token / shared               at most 4 / 2 / 1
+expert count        ``*expert*``: routed / per token / shared               at most 4 / 2 / 1 (also None)
+default choice      ``default_x`` None, the config lists ``xs``             the first of them
 group count         ``*group*``                                             1
 vocabulary          ``*vocab*size``                                         at most ``vocab``
 token id            ``*_id``, ``*_index`` at or past the vocabulary         ``vocab - 1``, ``vocab - 2``
@@ -34,7 +36,10 @@ kind: each is the earliest layer that adds the most unseen per-layer values, so 
 are a sliding and a full attention layer and two of Qwen3-Next a linear and a full one. Nested configs
 (``text_config``, ``vision_config``, ...) shrink the same way; a width equal to some config's hidden
 size (a projector's output) becomes ``hidden``. ``None`` for ``num_key_value_heads`` or ``head_dim``
-(meaning "derive it") is filled in, and a causal LM's ``is_decoder`` is set.
+(meaning "derive it") is filled in, and a causal LM's ``is_decoder`` is set. ``None`` expert counts
+(left to the checkpoint) are filled in where the config is a mixture of experts (an expert width is
+set), and a ``layer_types`` that the config leaves ``None`` is every layer full attention, the
+transformers default.
 
 ``tiny_model`` builds the model with SDPA attention where the model supports it (eager otherwise),
 seeded; ``add_lora`` wraps it with PEFT; ``sample_batch`` draws a batch that avoids special tokens.
@@ -120,11 +125,21 @@ def tiny_config(arch: str, layers: int = 2, hidden: int = 64, vocab: int = 256, 
     return next(_tiny_configs(arch, layers, hidden, vocab, overrides))
 
 
+# The configs tried, best first: (special layers, layers of each kind, rope parameters per layer type).
+_VARIANTS = (
+    ("some", 1, False),
+    ("none", 1, False),  # special layer counts at zero
+    ("some", 2, False),  # two layers of each kind: a module shared by the layers of a kind (Zamba) is tied to a second
+    ("some", 1, True),  # rope_parameters per layer type, where the config left one flat dict (Cohere Compass)
+)
+
+
 def _tiny_configs(arch: str, layers: int, hidden: int, vocab: int, overrides: dict):
-    """Shrunk configs of ``arch``, best first. Counts of special layers (``first_k_dense_replace``,
-    ``num_kv_shared_layers``, ...) are first kept at one layer of each kind; where the config (or
-    later the model) rejects that, the next config has them at zero. Raises the first error when no
-    config validates."""
+    """Shrunk configs of ``arch``, best first (``_VARIANTS``). Counts of special layers
+    (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) are first kept at one layer of each
+    kind; where the config (or later the model) rejects that, the next config has them at zero, then
+    twice the layers with two of each kind, then RoPE parameters given per layer type. Raises the
+    first error when no config validates."""
     from transformers import CONFIG_MAPPING
 
     check_arch(arch)
@@ -133,13 +148,15 @@ def _tiny_configs(arch: str, layers: int, hidden: int, vocab: int, overrides: di
     with _quiet():
         base = CONFIG_MAPPING[arch]()
     first_error, built = None, 0
-    for special_layers in ("some", "none"):
-        shrinker = _Shrinker(layers, hidden, vocab, _hidden_sizes(base), special_layers)
+    for special_layers, per_kind, rope_per_type in _VARIANTS:
+        shrinker = _Shrinker(layers * per_kind, hidden, vocab, _hidden_sizes(base), special_layers, per_kind, rope_per_type)
         try:
             with _quiet():
                 config = shrinker.shrink(base, overrides=dict(overrides), top=True)
         except (ValueError, TypeError, KeyError, IndexError) as e:
             first_error = first_error or e
+            continue
+        if rope_per_type and not shrinker.rope_split:  # nothing to split: the first config again
             continue
         built += 1
         yield config
@@ -163,7 +180,7 @@ def tiny_model(arch: str, layers: int = 2, seed: int = 0, dtype: torch.dtype = t
     for config in _tiny_configs(arch, layers, hidden, vocab, kw):
         try:
             return _build(config, seed, dtype)
-        except ValueError as e:  # the model checks what the config did not: try the next config
+        except (ValueError, KeyError) as e:  # the model checks what the config did not: try the next config
             first_error = first_error or e
     raise first_error
 
@@ -261,9 +278,12 @@ class _Scale:
 
 
 class _Shrinker:
-    def __init__(self, layers: int, hidden: int, vocab: int, hiddens: set, special_layers: str = "some"):
+    def __init__(self, layers: int, hidden: int, vocab: int, hiddens: set, special_layers: str = "some",
+                 per_kind: int = 1, rope_per_type: bool = False):
         self.layers, self.hidden, self.vocab = layers, hidden, vocab
         self.special_layers = special_layers
+        self.per_kind = per_kind  # layers kept of each kind (when there are enough layers)
+        self.rope_per_type, self.rope_split = rope_per_type, False
         self.hiddens = hiddens  # every original hidden size in the config tree
         self.ids: dict[int, int] = {}  # original special token id -> new id, shared by the whole tree
 
@@ -286,6 +306,7 @@ class _Shrinker:
             text_values = _field_values(values[text_field])
             into_text = {k: overrides.pop(k) for k in list(overrides) if k in text_values}
         changed: dict[str, Any] = {}
+        moe = _is_moe(values, canon)
         for name, value in values.items():
             key = canon[name]
             if _is_config(value):
@@ -296,6 +317,13 @@ class _Shrinker:
                 new = scale.heads
             elif value is None and key == "head_dim":  # None means hidden_size // num_attention_heads
                 new = round(scale.s_d * scale.d0) if scale.d0 else None
+            elif value is None and moe and _EXPERTS.search(key) and not _WIDTH.search(key):  # left to the checkpoint
+                new = _experts(key, None)
+            elif value is None and _default_choices(key, values):  # default_language: one of languages
+                new = _default_choices(key, values)[0]
+            elif n_layers and keep is not None and _run_length(value, n_layers) is not None:
+                kinds = _run_length(value, n_layers)
+                new = type(value)([[[kinds[i] for i in keep], 1]])  # the kept layers' kinds, once
             elif isinstance(value, (list, tuple)) and n_layers and keep is not None:
                 new = self._shrink_list(key, value, n_layers, keep, scale)
             elif isinstance(value, (list, tuple)):
@@ -313,7 +341,28 @@ class _Shrinker:
                 for i, layer in per_layer_config.items()
                 if i in keep
             }
-        return cls(**{**changed, **here}, **overrides)
+        self._rope_per_layer_type(cls, values, canon, changed)
+        config = cls(**{**changed, **here}, **overrides)
+        layer_types = next((n for n in values if canon[n] == "layer_types"), None)
+        if layer_types and getattr(config, layer_types, ()) is None and n_layers:  # neither given nor derived
+            changed[layer_types] = ["full_attention"] * min(n_layers, self.layers)
+            config = cls(**{**changed, **here}, **overrides)
+        return config
+
+    def _rope_per_layer_type(self, cls, values: dict, canon: dict, changed: dict) -> None:
+        """In the per-type variant: one flat ``rope_parameters`` (or none: the class's ``default_theta``)
+        becomes the same dict for each layer type (the form Gemma 3 and Cohere Compass read,
+        ``rope_parameters["full_attention"]``)."""
+        rope = values.get("rope_parameters")
+        kinds = next((changed.get(n, v) for n, v in values.items() if canon[n] == "layer_types"), None)
+        if not self.rope_per_type or not isinstance(rope, dict) or not kinds or (rope and "rope_type" not in rope):
+            return
+        theta = getattr(cls, "default_theta", None)
+        if not rope and theta is None:
+            return
+        rope = rope or {"rope_type": "default", "rope_theta": theta}  # none at all: transformers' default RoPE
+        changed["rope_parameters"] = {kind: dict(rope) for kind in dict.fromkeys(kinds)}
+        self.rope_split = True
 
     # -- scale factors --------------------------------------------------------------------------
 
@@ -344,21 +393,23 @@ class _Shrinker:
             return None
         keep_n = min(self.layers, n_layers)
         per_layer = [v for k, v in values.items() if _is_per_layer(canon[k], v, n_layers)]
+        per_layer += [kinds for kinds in (_run_length(v, n_layers) for v in values.values()) if kinds is not None]
         if per_layer_config:
             per_layer.append([repr(sorted(per_layer_config.get(i, {}).items())) for i in range(n_layers)])
         index_lists = [set(v) for k, v in values.items() if _is_index_list(canon[k], v, n_layers)]
         columns = per_layer + [[i in s for i in range(n_layers)] for s in index_lists]
         # Greedy cover: each kept layer is the earliest that adds the most unseen (column, value)
         # pairs, so every kind of attention, MLP, ... appears when there are enough layers.
-        seen: set = set()
+        seen: dict = {}  # (column, value) -> layers kept with it
         chosen: list[int] = []
         while len(chosen) < keep_n:
             def gain(i):
-                return sum((c, _hashable(col[i])) not in seen for c, col in enumerate(columns))
+                return sum(seen.get((c, _hashable(col[i])), 0) < self.per_kind for c, col in enumerate(columns))
 
             best = max((i for i in range(n_layers) if i not in chosen), key=lambda i: (gain(i), -i))
             chosen.append(best)
-            seen |= {(c, _hashable(col[best])) for c, col in enumerate(columns)}
+            for c, col in enumerate(columns):
+                seen[c, _hashable(col[best])] = seen.get((c, _hashable(col[best])), 0) + 1
         return sorted(chosen)
 
     def _shrink_list(self, key: str, value, n_layers: int, keep: list, scale: _Scale):
@@ -395,9 +446,7 @@ class _Shrinker:
         if _GROUPS.search(key) and "size" not in key:
             return 1
         if _EXPERTS.search(key) and not _WIDTH.search(key):
-            if _TOP_K.search(key):
-                return min(value, 2)
-            return min(value, 1 if "shared" in key else MAX_EXPERTS)
+            return _experts(key, value)
         if _TOP_K.search(key) and key.startswith("moe"):
             return min(value, 2)
         if _HEAD_DIM.search(key):
@@ -449,6 +498,46 @@ class _Shrinker:
         if value not in self.ids:
             self.ids[value] = self.vocab - 1 - len(self.ids)
         return self.ids[value]
+
+
+def _experts(key: str, value: int | None) -> int:
+    """An expert count at most ``MAX_EXPERTS`` routed, 2 per token, 1 shared; ``None`` becomes that bound."""
+    bound = 2 if _TOP_K.search(key) else 1 if "shared" in key else MAX_EXPERTS
+    return bound if value is None else min(value, bound)
+
+
+def _is_moe(values: dict, canon: dict) -> bool:
+    """A mixture-of-experts config: some expert width (``moe_intermediate_size``) is set and no ``*moe*``
+    switch is off (Gemma 4's ``enable_moe_block=False`` with ``num_experts=None`` is dense)."""
+    moe_keys = [k for k in values if re.search(r"moe|expert", canon[k])]
+    if any(values[k] is False for k in moe_keys):
+        return False
+    return any(
+        isinstance(values[k], int) and not isinstance(values[k], bool) and values[k] > 0 and _WIDTH.search(canon[k])
+        for k in moe_keys
+    )
+
+
+def _default_choices(key: str, values: dict):
+    """For ``default_language``: the config's ``languages`` (non-empty), else None."""
+    if not key.startswith("default_"):
+        return None
+    choices = values.get(key[len("default_"):] + "s")
+    return list(choices) if isinstance(choices, (list, tuple)) and choices else None
+
+
+def _run_length(value, n_layers: int):
+    """The per-layer kinds of a run-length spec ``[[["global", "local"], 12]]`` (GPT-Neo's
+    ``attention_types``: the kinds repeated 12 times) that spans the ``n_layers`` layers, else None."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    kinds: list = []
+    for item in value:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            return None
+        kinds += list(item[0]) * item[1]
+    return kinds if len(kinds) == n_layers else None
 
 
 def _scaled(value: int, factor: float, multiple: int) -> int:

@@ -5,7 +5,9 @@ import json
 
 from slothc import coverage
 
-SAMPLE = ["llama", "qwen3", "gemma2", "gpt_neox", "phi3", "mamba"]
+# cohere_compass_text: builds only with RoPE parameters per layer type (a later tiny config);
+# phimoe: its router is a linear returning a tuple, left without LoRA. Each about 5 s, like the rest.
+SAMPLE = ["llama", "qwen3", "gemma2", "gpt_neox", "phi3", "mamba", "cohere_compass_text", "phimoe"]
 
 
 def test_sample_of_architectures(tmp_path):
@@ -13,7 +15,7 @@ def test_sample_of_architectures(tmp_path):
     (path,) = tmp_path.glob("coverage-transformers-*.json")
     result = json.loads(path.read_text())
     rows = {r["arch"]: r for r in result["rows"]}
-    for arch in ("llama", "qwen3", "gemma2", "gpt_neox", "phi3"):
+    for arch in ("llama", "qwen3", "gemma2", "gpt_neox", "phi3", "cohere_compass_text", "phimoe"):
         r = rows[arch]
         assert r["status"] == "ok" and r["correct"] and r["fully_fused"], r
         assert r["fused"]["lora"] == r["candidates"]["lora"] > 0 and r["fused"]["loss"] == 1, r
@@ -23,7 +25,9 @@ def test_sample_of_architectures(tmp_path):
     assert rows["mamba"]["status"] == "ok" and rows["mamba"]["correct"], rows["mamba"]
     assert rows["mamba"]["lora_targets"] == "all linear but conv1d, out_proj (PEFT refuses them)"
     assert rows["mamba"]["fused"]["lora"] == rows["mamba"]["candidates"]["lora"] > 0
-    assert result["summary"] == "6 architectures: 6 correct, 6 fully fused, 0 failed (0 do not build or train without slothc either)"
+    assert rows["phimoe"]["lora_targets"] == "all linear but router (a linear whose forward returns no tensor)"
+    assert result["summary"] == ("8 architectures: 8 correct, 8 fully fused, 0 failed (0 do not build or train without "
+                                 "slothc either); 0 not text decoders; text decoders: 8 of 8 correct (100.0%)")
     table = (tmp_path / path.name.replace(".json", ".md")).read_text()
     assert "| llama | ok | yes | yes |" in table and result["summary"] in table
 
@@ -42,3 +46,45 @@ def test_a_wrong_result_is_not_correct(monkeypatch):
     row = coverage.check_arch("llama")
     torch._dynamo.reset()
     assert row["status"] == "ok" and not row["correct"] and row["mismatches"][0].startswith("loss:"), row
+
+
+def test_not_a_text_decoder_by_what_the_classes_declare():
+    assert coverage.not_a_text_decoder("musicgen") == "needs audio codebook tokens (num_codebooks)"
+    assert coverage.not_a_text_decoder("git") == "needs image input (GitForCausalLM)"
+    assert coverage.not_a_text_decoder("gemma4_assistant").startswith("needs a backbone model's states")
+    assert coverage.not_a_text_decoder("llama") is None and coverage.not_a_text_decoder("xmod") is None
+    # only a row that does not run on text alone is excluded: Gemma 3 declares images but trains on text
+    assert coverage._excluded({"arch": "gemma3", "status": "eager failed", "error": "e"})["status"] == coverage.NOT_TEXT
+    assert coverage._excluded({"arch": "llama", "status": "eager failed", "error": "e"})["status"] == "eager failed"
+
+
+def test_a_partial_rerun_merges_into_the_committed_table():
+    ok = {"status": "ok", "correct": True, "fully_fused": True}
+    committed = [{"arch": "a", **ok}, {"arch": "b", "status": "build failed", "error": "x"},
+                 {"arch": "c", "status": "eager failed", "error": "y"}]
+    new = [{"arch": "b", **ok, "fully_fused": False},
+           {"arch": "c", "status": coverage.NOT_TEXT, "needs": "needs image input (C)", "text_status": "eager failed"}]
+    rows = coverage.merge(committed, new)
+    assert [r["arch"] for r in rows] == ["a", "b", "c"] and rows[1]["status"] == "ok"
+    assert coverage.summary(rows) == ("3 architectures: 2 correct, 1 fully fused, 0 failed (0 do not build or train "
+                                      "without slothc either); 1 not text decoders (needs image input: c); "
+                                      "text decoders: 2 of 2 correct (100.0%)")
+    assert coverage.summary(committed).startswith("3 architectures: 1 correct, 1 fully fused, 0 failed (2 do not")
+
+
+def test_update_rewrites_the_committed_table(tmp_path, monkeypatch):
+    """``--update``: this run's rows replace theirs, the summary is recomputed from every row."""
+    from slothc.train_bench import _versions
+
+    versions = {k: v for k, v in _versions().items() if k in ("torch", "transformers", "peft", "slothc")}
+    path = tmp_path / "coverage-transformers-x.json"
+    old = [{"arch": "llama", "status": "build failed", "error": "old"}, {"arch": "qwen3", "status": "ok", "correct": True,
+            "fully_fused": True, "fused": dict.fromkeys(coverage.KINDS, 1), "candidates": dict.fromkeys(coverage.KINDS, 1),
+            "skipped": [], "mismatches": []}]
+    path.write_text(json.dumps({"versions": versions, "summary": coverage.summary(old), "rows": old}))
+    monkeypatch.setattr(coverage, "run", lambda archs, args: [{**old[1], "arch": a} for a in archs])
+    assert coverage.main(["--arch", "llama", "--update", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
+    assert result["summary"].startswith("2 architectures: 2 correct, 2 fully fused, 0 failed")
+    assert result["summary"] in (tmp_path / "coverage-transformers-x.md").read_text()

@@ -117,3 +117,33 @@ def test_sample_batch_is_deterministic():
     assert set(a) == {"input_ids", "attention_mask", "labels"}
     assert a["input_ids"].shape == (2, 16)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], a["input_ids"])
+
+
+def test_checkpoint_left_fields_are_filled_by_rule():
+    # Mixture-of-experts configs with their expert counts left to the checkpoint (None): filled,
+    # while Gemma 4 text (enable_moe_block=False, num_experts=None) stays dense.
+    dots1 = tiny_config("dots1")
+    assert (dots1.n_routed_experts, dots1.num_experts_per_tok, dots1.n_shared_experts) == (4, 2, 1)
+    assert tiny_config("deepseek_v2").num_experts_per_tok == 2
+    assert tiny_config("gemma4_text").num_experts is None
+    # default_language None, languages listed: the first one
+    xmod = tiny_config("xmod")
+    assert xmod.default_language == xmod.languages[0]
+    # a layer_types that the config neither gets nor derives: full attention, the transformers default
+    assert tiny_config("lfm2_moe").layer_types == ["full_attention", "full_attention"]
+
+
+def test_run_length_layer_kinds_are_shrunk():
+    config = tiny_config("gpt_neo")  # attention_types=[[["global", "local"], 12]] over 24 layers
+    assert config.attention_types == [[["global", "local"], 1]] and config.attention_layers == ["global", "local"]
+
+
+@pytest.mark.parametrize("arch", ["zamba", "cohere_compass_text"])
+def test_later_variants_build_what_the_first_config_cannot(arch):
+    # zamba: its shared transformer is tied across hybrid layers, so it needs two of them (4 layers);
+    # cohere_compass_text: RoPE parameters per layer type, from the config class's default_theta
+    model = tiny_model(arch, layers=2)
+    if arch == "zamba":
+        assert model.config.layers_block_type.count("hybrid") == 2
+    else:
+        assert set(model.config.rope_parameters) == set(model.config.layer_types)
