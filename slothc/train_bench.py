@@ -453,7 +453,16 @@ def markdown(result: dict) -> str:
     best_peer = max(peers, key=lambda k: ok[k]["tokens_per_s"]) if peers else None
     lines = [f"### Workload {w['name']}: {w['description']}", "",
              f"{result['device']}; " + ", ".join(f"{k} {x}" for k, x in result["versions"].items() if x) + f"; {result['date']}",
-             f"median of {result['steps']} steps after {result['warmup']} warm-up; peak = max_memory_allocated over all steps", "",
+             f"median of {result['steps']} steps after {result['warmup']} warm-up; peak = max_memory_allocated over all steps", ""]
+    if len(result.get("runs", [])) > 1:
+        by_run = {}
+        for name, r in v.items():
+            by_run.setdefault(r.get("run"), []).append(name)
+        eagers = {x["run"]: x.get("eager_tokens_per_s") for x in result["runs"]}
+        lines += ["merged from device calls on one machine type (each variant in its own process either way): "
+                  + "; ".join(f"run {run}: {', '.join(names)}" + (f" (its eager: {eagers[run]:.0f} tokens/s)" if eagers.get(run) else "")
+                              for run, names in by_run.items()), ""]
+    lines += [
              "| variant | tokens/s | x eager | x best peer | peak GiB | reserved GiB | MFU | compile s | loss vs eager | max seq |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -497,11 +506,40 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="profile the slothc step (top kernels)")
     p.add_argument("--variant-timeout-s", type=float, default=900.0, help="a variant's process is stopped after this long")
     p.add_argument("--out-dir", default=None, help="where the JSON and Markdown go (default: print only)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge one workload's result files from several runs into one table (no run)")
     # the child process
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def merge(results: list) -> dict:
+    """One workload's results from several runs (device calls) in one table: the first run's variants,
+    then each later run's variants that the earlier ones lack or did not finish (an error, a
+    timeout, unavailable). Every variant records the run it came from (``run``: the run's git sha
+    and position); ``runs`` lists them. Ratios are against the eager of the first run that has one."""
+    if not results:
+        raise ValueError("merge: no results given")
+    names = {r["workload"]["name"] for r in results}
+    if len(names) != 1:
+        raise ValueError(f"merge: results of one workload expected, got {sorted(names)}")
+    devices = {r["device"] for r in results}
+    if len(devices) != 1:
+        raise ValueError(f"merge: results of one device expected, got {sorted(devices)}")
+    merged = dict(results[0], variants={}, runs=[])
+    for i, r in enumerate(results):
+        run = f"{i + 1}: {r.get('git_sha') or 'unknown'}"
+        eager = r["variants"].get("eager", {}).get("tokens_per_s")
+        merged["runs"].append({"run": run, "date": r.get("date"), "versions": r.get("versions"), "steps": r.get("steps"),
+                               "eager_tokens_per_s": eager})
+        for name, v in r["variants"].items():
+            have = merged["variants"].get(name)
+            if have is None or (have.get("status") != "ok" and v.get("status") == "ok"):
+                merged["variants"][name] = dict(v, run=run)
+    _compare_losses(merged["variants"])
+    return merged
 
 
 def _write(result: dict, name: str, out_dir: str, cuda: bool) -> str:
@@ -517,6 +555,17 @@ def _write(result: dict, name: str, out_dir: str, cuda: bool) -> str:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.merge:
+        results = []
+        for path in args.merge:
+            with open(path) as f:
+                results.append(json.load(f))
+        merged = merge(results)
+        print(markdown(merged), flush=True)
+        if args.out_dir:
+            cuda = not merged["device"].startswith("cpu")
+            print(f"wrote {_write(merged, merged['workload']['name'], args.out_dir, cuda)}.json and .md", flush=True)
+        return 0
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

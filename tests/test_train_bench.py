@@ -48,3 +48,27 @@ def test_markdown_marks_a_failed_variant():
     table = train_bench.markdown(result)
     assert "| liger | error: boom |" in table
     assert "| slothc | 150 | 1.50 | 1.50 |" in table  # the best peer is eager here
+
+
+def test_merge_takes_later_runs_variants_that_the_first_lacks_or_did_not_finish():
+    def run(sha, variants):
+        return {"workload": {"name": "a", "description": "d"}, "device": "dev", "versions": {"torch": "2"}, "date": "d",
+                "steps": 10, "warmup": 3, "git_sha": sha, "variants": variants}
+
+    first = run("aaa", {"eager": {"status": "ok", "tokens_per_s": 100.0, "losses": [1.0, 2.0]},
+                        "slothc": {"status": "ok", "tokens_per_s": 150.0, "losses": [1.0, 2.5]},
+                        "unsloth": {"status": "unavailable", "reason": "no module"}})
+    second = run("bbb", {"eager": {"status": "ok", "tokens_per_s": 90.0, "losses": [1.0, 2.0]},
+                         "unsloth": {"status": "ok", "tokens_per_s": 120.0, "losses": [1.0, 2.25]},
+                         "slothc": {"status": "ok", "tokens_per_s": 999.0, "losses": [1.0, 2.0]}})
+    merged = train_bench.merge([first, second])
+    v = merged["variants"]
+    assert v["eager"]["tokens_per_s"] == 100.0 and v["eager"]["run"] == "1: aaa"  # the first run's eager
+    assert v["slothc"]["tokens_per_s"] == 150.0  # a finished variant is not replaced
+    assert v["unsloth"]["tokens_per_s"] == 120.0 and v["unsloth"]["run"] == "2: bbb"
+    assert v["unsloth"]["loss_vs_eager"] == 0.25
+    table = train_bench.markdown(merged)
+    assert "run 2: bbb: unsloth (its eager: 90 tokens/s)" in table
+    assert "| unsloth | 120 | 1.20 |" in table
+    with pytest.raises(ValueError, match="one workload"):
+        train_bench.merge([first, dict(second, workload={"name": "b", "description": "d"})])
