@@ -37,6 +37,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
 
     passes.run(gm, opts, report, graph_index=report.graphs)
     report.graphs += 1
+    if _inside_ddp() and DDP_PIECES not in report.notes:
+        report.notes.append(DDP_PIECES)
     if opts.mode != "default":
         import torch._inductor
 
@@ -48,6 +50,22 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
             report.notes.append(note)
         return _inner(opts.inner)(gm, example_inputs, config_patches=patches)
     return _inner(opts.inner)(gm, example_inputs)
+
+
+DDP_PIECES = (
+    "compiled inside DistributedDataParallel: Dynamo's DDPOptimizer hands slothc the model in pieces, split at "
+    "DDP's gradient buckets (bucket_cap_mb), so that each bucket's all-reduce overlaps the backward of the next; "
+    "a pattern cut by a split is not fused (fewer, larger buckets cut fewer)"
+)
+
+
+def _inside_ddp() -> bool:
+    """Whether the graph being compiled is one of DDPOptimizer's pieces (a DDP forward is being traced)."""
+    if not torch.distributed.is_available() or torch._dynamo.utils.get_optimize_ddp_mode() != "ddp_optimizer":
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
 
 
 def _with_mode(options, mode):

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from slothc.options import FUSIONS
 
@@ -54,6 +54,18 @@ class Report:
     def modules(self, fusion: str) -> list:
         return [s.module for s in self.fused.get(fusion, ())]
 
+    def per_graph(self) -> list:
+        """``{fusion: sites}`` of each compiled graph, in compile order: what each piece of a split
+        model fused (at Dynamo's graph breaks, or DDPOptimizer's pieces at DDP bucket boundaries)."""
+        counts = [Counter() for _ in range(self.graphs)]
+        for name in self._names():
+            for site in self.fused[name]:
+                counts[site.graph][name] += 1
+        return [dict(c) for c in counts]
+
+    def _names(self) -> list:
+        return [f for f in FUSIONS if self.fused.get(f)] + [f for f in self.fused if f not in FUSIONS and self.fused[f]]
+
     def add_site(self, site: Site) -> None:
         self.fused[site.fusion].append(site)
 
@@ -62,7 +74,7 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"slothc fusion report ({self.graphs} graph{'s' if self.graphs != 1 else ''})"]
-        names = [f for f in FUSIONS if self.fused.get(f)] + [f for f in self.fused if f not in FUSIONS]
+        names = self._names()
         if not names:
             lines.append("  fused: nothing")
         for name in names:
@@ -75,6 +87,12 @@ class Report:
             lines.append(f"  skipped: {len(self.skipped)}")
             for skip in self.skipped:
                 lines.append(f"    {skip.fusion:<12} {skip.module or '<top level>'}: skipped: {skip.reason}")
+        if self.graphs > 1:
+            lines.append("  per graph:")
+            for i, counts in enumerate(self.per_graph()):
+                fused = ", ".join(f"{f} {n}" for f, n in counts.items()) or "nothing fused"
+                skips = sum(1 for s in self.skipped if s.graph == i)
+                lines.append(f"    graph {i}: {fused}" + (f"; {skips} skipped" if skips else ""))
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)

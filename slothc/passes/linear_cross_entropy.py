@@ -223,7 +223,8 @@ def _plan(m, logits: Node, peeled: list) -> dict:
     parts = ["hidden states"] + (["logits dropped"] if drop else [])
     parts += [f"scale {head.scale:g}"] if head.scale != 1.0 else []
     parts += [f"softcap {head.softcap:g}"] if head.softcap else []
-    return dict(logits=logits, head=head, drop=drop, variant=", ".join(parts), module=module_path(head.linear))
+    return dict(logits=logits, head=head, drop=drop, variant=", ".join(parts), module=module_path(head.linear),
+                reads=[head.hidden, head.weight, head.bias])
 
 
 def _fusable_head(head: LmHead, logits_val) -> bool:

@@ -20,7 +20,9 @@ Skipped, with the reason in the report:
 - a trainable base weight or bias (full fine-tuning of that layer: the op computes no dW);
 - the adapters' low-rank branch in another form: DoRA, other LoRA variants, more than two adapters,
   or a base layer that is not a linear (transformers' ``Conv1D``, GPT-2);
-- LoRA on an embedding or a convolution.
+- LoRA on an embedding or a convolution;
+- adapters whose base layer's output comes from another graph (the model split between them, as
+  DDPOptimizer splits it at DDP's bucket boundaries).
 
 After the rewrite, projections that read the same ``x`` (q/k/v, gate/up, and any others) are merged
 into one ``slothc::lora_linear`` call (:func:`group_shared_inputs`): ``x`` is then read once for all
@@ -52,6 +54,10 @@ BASE_NOT_LINEAR = "the base layer is not a linear (e.g. transformers' Conv1D in 
 ON_EMBEDDING = "LoRA on an embedding"
 ON_CONVOLUTION = "LoRA on a convolution"
 INPUT_MISMATCH = "the adapters read another input than the base layer"
+BASE_IN_ANOTHER_GRAPH = (
+    "the base layer's output is an input of this graph: the model was split between the base linear and its "
+    "adapters (DDPOptimizer at a DDP bucket boundary, or a graph break)"
+)
 BASE_4BIT = "the base layer is a bitsandbytes 4-bit linear (the qlora_linear fusion's; see its entry)"
 UNSUPPORTED_DTYPE = "dtype is not fp32, bf16 or fp16"
 UNSUPPORTED_DEVICE = "input is not on a CUDA or CPU device"
@@ -215,6 +221,8 @@ def _lora_branch_check(m) -> str | None:
         return BASE_4BIT
     if len(adds) == 1:
         other = [a for a in adds[0].args if a is not root]
+        if other and isinstance(other[0], Node) and other[0].op == "placeholder":
+            return BASE_IN_ANOTHER_GRAPH
         if other and isinstance(other[0], Node) and other[0].target is not _LINEAR and not _is_op(other[0]):
             base = other[0]
             while base.target in ("view", "reshape", torch.Tensor.view, torch.Tensor.reshape, torch.reshape) and isinstance(base.args[0], Node):

@@ -27,16 +27,18 @@ A :class:`Rule` ties a pattern to
   output, which is then rerouted to it. ``None`` makes a rule that only *reports* a known near-miss (its check: ``always(reason)``).
 - ``finish(m, out_node)`` (optional): runs after the reroute succeeded, for edits beyond the matched
   output (e.g. another use of a value the fusion no longer computes). ``m.state`` carries what the
-  replacement decided; ``m.options`` are the backend options.
+  replacement decided; ``m.options`` are the backend options; ``m.state["reads"]`` (set by a check)
+  lists the nodes a replacement reads beyond the captures (the engine checks them as it does those).
 
 After a rewrite the matched nodes, and the values that fed only them (captures whose producers are
 now unused, transitively, pure calls only), are erased: a fusion that reads a value's *inputs*
 instead of the value itself does not leave the old computation running in the graph.
 
 The engine refuses a match whose intermediate values are used outside the pattern (rewriting would
-have to compute them anyway), and verifies that the replacement's fake value has the matched output's
-shape and dtype, undoing it and reporting a skip otherwise: a replacement can never silently change
-what the graph computes. Nested graphs of higher-order ops (``tag_activation_checkpoint`` bodies from
+have to compute them anyway), or that reads a tensor subclass (a DTensor: a weight FSDP2 sharded,
+read outside its module's forward, or tensor parallel's; the ops take plain tensors), and verifies
+that the replacement's fake value has the matched output's shape and dtype, undoing it and reporting
+a skip otherwise: a replacement can never silently change what the graph computes. Nested graphs of higher-order ops (``tag_activation_checkpoint`` bodies from
 gradient checkpointing, ``wrap``...) are visited too.
 
 Rules compose into ordered :class:`RuleSet` values with ``+``; within a set the first rule that
@@ -57,6 +59,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 from torch.fx import Graph, GraphModule, Node
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from slothc.passes.meta import graphs, propagate, val
 from slothc.report import Report, Site, Skip, module_path
@@ -67,6 +70,10 @@ NOT_A_CANDIDATE = "<not a candidate>"  # a check's "ignore this site" (never rec
 INTERMEDIATE_ESCAPES = "an intermediate value is used outside the pattern"
 REPLACEMENT_MISMATCH = "the fused op would change the output's shape or dtype"
 NO_FAKE_VALUES = "no fake-tensor metadata on the graph"
+TENSOR_SUBCLASS = (
+    "an input is a DTensor or another tensor subclass (e.g. a weight sharded by FSDP2 or tensor parallel, "
+    "read outside its module's forward): slothc's ops take plain tensors"
+)
 
 
 class Pattern:
@@ -333,7 +340,15 @@ def _check(m: Match) -> str | None:
             return reason
     if m.rule.replacement is None:
         raise ValueError(f"report-only rule {m.rule.pattern.__name__} must have a check that returns a reason")
+    reads = [*m.nodes, *(c for c in m.captures.values() if isinstance(c, Node)), *m.state.get("reads", ())]
+    if any(_subclass(val(n)) for n in reads if n is not None):
+        return TENSOR_SUBCLASS
     return None
+
+
+def _subclass(value) -> bool:
+    """A tensor subclass that traces as one (DTensor, NF4Tensor ...): its values are not its storage."""
+    return isinstance(value, torch.Tensor) and is_traceable_wrapper_subclass(value)
 
 
 def _rewrite(graph: Graph, m: Match, erased: set) -> str | None:
