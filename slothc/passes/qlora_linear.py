@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-import slothc.kernels.qlora_linear  # noqa: F401  (registers torch.ops.slothc.qlora_linear)
+import slothc.kernels.qlora_linear as qlora_kernels  # registers torch.ops.slothc.qlora_linear
 from slothc.kernels.qlora_linear import NESTED_BLOCKSIZE, QUANT_TYPES
 from slothc.passes import lora_linear as lora
 from slothc.passes.matcher import NOT_A_CANDIDATE, Rule, RuleSet, erase_dead_inputs
@@ -471,6 +471,10 @@ def _call(x, weight_node, bias, lora_a, lora_b, scaling, base, lora_dtype, out, 
         return torch.fx.Proxy(n, tracer) if isinstance(n, Node) else n
 
     state = [[proxy(a8)], [proxy(code)], [proxy(offset)]] if a8 is not None else [[], [], []]
+    # The op's code book is cached per device on first use: made here, at compile time, and not in
+    # the op's first run, which under mode="reduce-overhead" is inside a CUDA graph's memory pool
+    # (a cached tensor there is a live allocation the graph does not own: CUDA graph trees refuse it).
+    qlora_kernels.code_book(quant_type, val(packed).device)
     return _OP(x, [proxy(packed)], [proxy(absmax)], *state, list(shape), blocksize, quant_type, [bias], lora_a, lora_b, scaling,
                [0] * len(lora_a), base, lora_dtype, out, xa, nested)
 

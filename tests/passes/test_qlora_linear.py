@@ -117,6 +117,28 @@ def test_every_4bit_lora_linear_fused_when_x_needs_grad():
     assert not report.skipped and not report.fused.get("lora_linear"), str(report)
 
 
+def test_code_book_is_made_at_compile_time(monkeypatch):
+    """The op's cached code book is first made by the pass, not in the op's first run: under
+    mode="reduce-overhead" that run is inside a CUDA graph's pool, where a cached tensor is a live
+    allocation the graph does not own (CUDA graph trees refused the 8B step for it)."""
+    import inspect
+
+    from slothc.kernels import qlora_linear as qlora_kernels
+
+    monkeypatch.setattr(qlora_kernels, "_CODES", {})
+    callers, code_book = [], qlora_kernels.code_book
+
+    def recorded(quant_type, device):
+        callers.append(inspect.stack()[1].filename.replace("\\", "/").rsplit("/", 2)[-2])
+        return code_book(quant_type, device)
+
+    monkeypatch.setattr(qlora_kernels, "code_book", recorded)
+    report, graphs, out = capture(_peft(), torch.randn(2, 5, 64, requires_grad=True))
+    assert report.count("qlora_linear") == 3, str(report)
+    assert callers and callers[0] == "passes", callers  # made by the pass before any op ran
+    assert set(qlora_kernels._CODES) == {("nf4", "cpu")}
+
+
 @pytest.mark.parametrize("k_config", [dict(blocksize=32), dict(nested=False), dict(quant_type="fp4")],
                          ids=["blocksize", "double_quant", "quant_type"])
 def test_projections_of_one_input_merge_only_with_one_4bit_format(k_config):
