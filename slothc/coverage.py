@@ -20,9 +20,11 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    rounding (``correct``); where the model has an op without float64 support (grouped MoE
    matmuls), against eager within 1e-4 of its largest value (``reference`` says which);
 4. the fusion report's sites per kind against the candidate sites: the modules that the eager
-   step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``), PEFT's LoRA linears, the attention
-   modules (each rotates q and k: two RoPE sites where the config has rotary embeddings), the gated
-   MLP modules (a ``gate`` projection), and the loss. ``fully_fused``: every norm, LoRA and loss site fused,
+   step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``), PEFT's LoRA linears, the tensors
+   that transformers' rotary functions (``apply_rotary_pos_emb`` and kin, found by name) rotated
+   (q and k of each call: NoPE layers call none; where no such function ran but the config has
+   rotary embeddings, two for each attention module), the gated MLP modules (a ``gate``
+   projection), and the loss. ``fully_fused``: every norm, LoRA and loss site fused,
    and RoPE where there is one.
 
 Rows: ``status`` (``ok``, ``failed`` with the error, ``eager failed``: the model does not train
@@ -46,6 +48,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,14 +60,52 @@ NOT_TEXT = "not a text decoder"  # the status of an excluded architecture (modul
 K = 4.0  # slothc's error may be this many times eager's (plus the floor): the e2e tests' bound
 
 
+_ROTARY_FUNCTION = re.compile(r"^_?apply_\w*(rotary|rope)")  # apply_rotary_pos_emb, _apply_rotary_emb, ...
+
+
+class _RotaryCalls:
+    """Counts the tensors that transformers' rotary functions (``apply_rotary_pos_emb`` and kin, by
+    name) rotate while it is active: q and k, the first two arguments, where they are tensors of
+    rank >= 3; a call made from inside another such function (GPT-OSS's ``_apply_rotary_emb``) is
+    part of that one. NoPE layers (SmolLM3, Cohere 2, EXAONE 4) and models that switch RoPE off call
+    none."""
+
+    def __init__(self):
+        self.tensors, self.calls, self._depth = 0, 0, 0
+
+    def __enter__(self):
+        sys.setprofile(self._event)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+
+    def _event(self, frame, event, arg):
+        if event not in ("call", "return") or not _ROTARY_FUNCTION.match(frame.f_code.co_name):
+            return
+        if event == "return":
+            self._depth -= 1
+            return
+        self._depth += 1
+        if self._depth > 1:
+            return
+        import torch
+
+        names = frame.f_code.co_varnames[: min(2, frame.f_code.co_argcount)]
+        self.calls += 1
+        self.tensors += sum(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in (frame.f_locals.get(n) for n in names))
+
+
 def _candidates(model, run) -> dict:
-    """Candidate sites: modules that ``run()`` executed, by class (module docstring)."""
+    """Candidate sites: modules that ``run()`` executed, by class, and the tensors its rotary
+    functions rotated (module docstring)."""
     import torch
 
     ran = set()
     hooks = [m.register_forward_hook(lambda mod, i, o: ran.add(id(mod))) for m in model.modules()]
     try:
-        run()
+        with _RotaryCalls() as rotary_calls:
+            run()
     finally:
         for h in hooks:
             h.remove()
@@ -85,6 +126,8 @@ def _candidates(model, run) -> dict:
             counts["rope"] += 2
         elif name.endswith("MLP") and any("gate" in child for child, _ in m.named_children()):
             counts["mlp"] += 1  # a gated MLP (gate and up, or Phi-3's gate_up): the mlp fusion's pattern
+    if rotary_calls.calls:  # the rotations that ran (else: two an attention module, where the config has RoPE)
+        counts["rope"] = rotary_calls.tensors
     counts["loss"] = 1
     return counts
 

@@ -67,6 +67,10 @@ DIRECT_GEMM_NEEDS_GRAD = "bitsandbytes gemm_4bit on an input that needs a gradie
 NOT_MATMUL_4BIT = "an autograd function around gemm_4bit that is not bitsandbytes' MatMul4Bit"
 STATE_NOT_INPUT = "the 4-bit quantisation state is computed in the graph, not read from its inputs"
 UNSUPPORTED_QUANT = "4-bit quant type, blocksize or shape not supported (nf4/fp4, even blocksize, 2-d weight)"
+AUTOCAST_DTYPE = (
+    "under autocast a linear computes in the autocast dtype, where bitsandbytes (which autocast does not reach) computes "
+    "in its compute dtype; set bnb_4bit_compute_dtype to the autocast dtype (e.g. torch.bfloat16) to fuse"
+)
 DEQUANT_DTYPE = "4-bit weight dequantised to a dtype that is neither fp32 nor the base dtype (double rounding)"
 BACKWARD_DTYPE = "bitsandbytes' backward dequantises to a dtype that is neither fp32 nor the base dtype (double rounding)"
 COMPUTE_CAST = "input cast to the compute dtype and then by autocast to another"
@@ -137,7 +141,8 @@ def _quant_ok(shape, blocksize, quant_type) -> bool:
 
 def _insert(graph: Graph, before: Node, like: Node, state: tuple, dequant_dtype: torch.dtype, bwd_dtype, form: str):
     """Insert ``linear(x, slothc::dequantize_4bit(...), bias)`` before ``before``; None if it does not
-    compute what ``like`` does."""
+    compute what ``like`` does (``AUTOCAST_DTYPE`` where only the dtype differs: the graph runs under
+    autocast, which changes the linear's dtype and not bitsandbytes')."""
     x, packed, absmax, a8, code, offset, shape, blocksize, quant_type, bias = state
     with graph.inserting_before(before):
         dq = graph.call_function(_DEQUANT, (packed, absmax, a8, code, offset, [int(s) for s in shape], int(blocksize), quant_type,
@@ -148,7 +153,7 @@ def _insert(graph: Graph, before: Node, like: Node, state: tuple, dequant_dtype:
     if not ok or not isinstance(old, torch.Tensor) or tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
         graph.erase_node(lin)
         graph.erase_node(dq)
-        return None
+        return AUTOCAST_DTYPE if ok and isinstance(old, torch.Tensor) and tuple(new.shape) == tuple(old.shape) else None
     dq.meta["slothc_4bit"] = {"form": form, "bwd_dtype": bwd_dtype}
     return lin
 
@@ -193,8 +198,8 @@ def _rewrite_gemm(graph, node, gemm, report, graph_index):
     if isinstance(out, torch.Tensor) and out.requires_grad:  # x needs grad and the call is not under no_grad
         return _skip(report, graph_index, node, DIRECT_GEMM_NEEDS_GRAD)
     lin = _insert(graph, node, node, state, x.dtype, None, "gemm_4bit")
-    if lin is None:
-        return _skip(report, graph_index, node, UNSUPPORTED_QUANT)
+    if lin is None or isinstance(lin, str):
+        return _skip(report, graph_index, node, lin or UNSUPPORTED_QUANT)
     node.replace_all_uses_with(lin)
     graph.erase_node(node)
 
@@ -242,8 +247,8 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
         return _skip(report, graph_index, node, reason)
     x = val(state[0])
     lin = _insert(graph, node, getters[0] if getters else node, state, x.dtype, bwd_dtype, "MatMul4Bit")
-    if lin is None:
-        return _skip(report, graph_index, node, UNSUPPORTED_QUANT)
+    if lin is None or isinstance(lin, str):
+        return _skip(report, graph_index, node, lin or UNSUPPORTED_QUANT)
     if bwd_dtype not in (torch.float32, val(lin).dtype):
         # decided here, not by the rules: a rewritten-but-unfused linear would back-propagate through
         # a saved W in the base dtype, not through bitsandbytes' backward

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import slothc
-from slothc.tiny import add_lora, tiny_model
+from slothc.tiny import add_lora, load_in_4bit, tiny_model
 
 STEPS, BATCH, SEQ, VOCAB = 2, 2, 16, 128
 
@@ -34,14 +34,19 @@ def _reference_ops_on_cpu(monkeypatch):
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _model():
+def _model(qlora=None):
+    """The tiny Llama with LoRA; ``qlora`` (a compute dtype): saved and loaded back in 4 bits (NF4,
+    double quant) first."""
+    model = tiny_model("llama", layers=2, hidden=64, vocab=VOCAB, seed=0)
+    if qlora is not None:
+        model = load_in_4bit(model, compute_dtype=qlora)
     torch.manual_seed(0)  # the adapters' initialisation draws from the global generator
-    return add_lora(tiny_model("llama", layers=2, hidden=64, vocab=VOCAB, seed=0), r=4, alpha=8)
+    return add_lora(model, r=4, alpha=8)
 
 
-def _model_compiled(logits_mode):
+def _model_compiled(logits_mode, qlora=None):
     """The tiny LoRA model, compiled with slothc in ``logits_mode`` (None: eager), and its report."""
-    model = _model()
+    model = _model(qlora)
     report = slothc.Report()
     if logits_mode is not None:
         model.compile(backend="slothc", options={"inner": "aot_eager", "report": report, "logits": logits_mode})
@@ -78,12 +83,12 @@ def _train_hf(logits_mode):
     return _losses(trainer), report
 
 
-def _train_sft(logits_mode):
+def _train_sft(logits_mode, qlora=None):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
     from trl import SFTConfig, SFTTrainer
 
-    model, report = _model_compiled(logits_mode)
+    model, report = _model_compiled(logits_mode, qlora)
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1")
     args = _args(SFTConfig, "sft", max_length=SEQ, dataset_kwargs={"skip_prepare_dataset": True})
@@ -114,3 +119,29 @@ def test_trl_sft_trainer_works_in_both_modes(logits):
     assert report.count("rms_norm") >= 1, str(report)  # the model is compiled and fused
     assert len(fused) == STEPS
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+def test_trl_sft_trainer_trains_a_qlora_model(compute):
+    """QLoRA through SFTTrainer, which trains under bf16 autocast: the tiny Llama loaded in 4 bits
+    (bitsandbytes on the CPU). With ``bnb_4bit_compute_dtype=bfloat16`` (the QLoRA recipe) every 4-bit
+    LoRA linear is fused with its dequantisation; with float32 bitsandbytes computes its base in fp32
+    where a linear under autocast would not: skipped, and the report names the setting to change."""
+    pytest.importorskip("bitsandbytes")
+    from slothc.passes.qlora_linear import AUTOCAST_DTYPE
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+    eager, _ = _train_sft(None, qlora=dtype)
+    torch._dynamo.reset()
+    fused, report = _train_sft("keep", qlora=dtype)
+    torch._dynamo.reset()
+    assert len(fused) == STEPS
+    if compute == "bf16":
+        assert report.count("qlora_linear") == 2 * 7, str(report)
+        assert not [s for s in report.skipped if s.fusion in ("qlora_linear", "lora_linear")], str(report)
+        torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), rtol=2e-3, atol=0)  # bf16 model
+    else:
+        assert not report.count("qlora_linear"), str(report)
+        reasons = {s.reason for s in report.skipped if s.fusion == "qlora_linear"}
+        assert reasons == {AUTOCAST_DTYPE}, str(report)
+        torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), rtol=1e-4, atol=1e-5)
