@@ -390,6 +390,12 @@ def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
 _SLOTHC_KERNELS = ("_rms_norm", "_layer_norm", "_rope", "_dequantize_4bit", "_mlp_", "_cross_entropy", "_lce", "slothc")
 
 
+def _annotation(key: str) -> bool:
+    """A user annotation's range on the GPU timeline (``Optimizer.step#AdamW.step``), not a kernel:
+    its time is that of the kernels inside it, counted already."""
+    return "#" in key or key.startswith("ProfilerStep")
+
+
 def profile_step(step, ids, top: int = 25) -> dict:
     """Top kernels of two profiled steps by GPU time, and the share of slothc's own kernels."""
     import torch
@@ -403,7 +409,7 @@ def profile_step(step, ids, top: int = 25) -> dict:
     total = 0.0
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
-        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA and not _annotation(ev.key):
             rows.append((ev.key, t / 2e3, ev.count // 2))
             total += t / 2e3
     rows.sort(key=lambda r: -r[1])
@@ -480,12 +486,23 @@ def markdown(result: dict) -> str:
                      f"{f(r.get('reserved_gib'), '.2f')} | {f(r.get('mfu'), '.1%')} | {f(r.get('compile_s'), '.0f')} | "
                      f"{f(r.get('loss_vs_eager'), '.2e')} | {ms.get('max_seq', '-') if ms else '-'} |")
     if best_peer:
-        lines += ["", f"best peer by tokens/s: {best_peer}"]
+        lines += ["", f"best peer by tokens/s: {best_peer}" + (" (no other peer finished)" if best_peer == "eager" else "")]
     for name, r in ok.items():
         if r.get("fused") is not None:
             fused = ", ".join(f"{k} {n}" for k, n in sorted(r["fused"].items())) or "nothing"
             lines += ["", f"{name} fused: {fused}; graphs {r.get('graphs', '-')}"]
             lines += [f"- skipped: {s}" for s in r.get("skipped", [])[:10]]
+    for name, r in ok.items():
+        prof = r.get("profile")
+        if prof:
+            # results of before annotations were left out: their ranges out of the rows and the total
+            dropped = sum(t["ms"] for t in prof["top"] if _annotation(t["kernel"]))
+            prof = dict(prof, top=[t for t in prof["top"] if not _annotation(t["kernel"])], gpu_ms_per_step=prof["gpu_ms_per_step"] - dropped)
+            share = prof["slothc_kernels_ms"] / prof["gpu_ms_per_step"] if prof.get("gpu_ms_per_step") else 0.0
+            lines += ["", f"{name} profile (torch.profiler, two steps): {prof['gpu_ms_per_step']:.1f} ms of GPU time a step against "
+                      f"{r['step_ms']:.1f} ms of wall time; slothc's own kernels {prof['slothc_kernels_ms']:.1f} ms ({share:.0%})", "",
+                      "| kernel | ms a step | calls a step |", "| --- | ---: | ---: |"]
+            lines += [f"| `{t['kernel'][:90]}` | {t['ms']:.2f} | {t['calls']} |" for t in prof["top"][:15]]
     return "\n".join(lines) + "\n"
 
 
