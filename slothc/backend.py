@@ -37,8 +37,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
 
     passes.run(gm, opts, report, graph_index=report.graphs)
     report.graphs += 1
-    if _inside_ddp() and DDP_PIECES not in report.notes:
-        report.notes.append(DDP_PIECES)
+    if _inside_ddp():
+        if DDP_PIECES not in report.notes:
+            report.notes.append(DDP_PIECES)
+    elif report.graphs > 1:
+        _note_graph_breaks(report)
     if opts.mode != "default":
         import torch._inductor
 
@@ -57,6 +60,20 @@ DDP_PIECES = (
     "DDP's gradient buckets (bucket_cap_mb), so that each bucket's all-reduce overlaps the backward of the next; "
     "a pattern cut by a split is not fused (fewer, larger buckets cut fewer)"
 )
+
+
+GRAPH_BREAKS = "graphs: Dynamo split the model at graph breaks"
+
+
+def _note_graph_breaks(report: Report) -> None:
+    """The report says that code between the graphs runs eagerly (neither fused nor reported), and
+    why Dynamo broke there, as far as its counters tell (they count for the whole process)."""
+    reasons = torch._dynamo.utils.counters.get("graph_break", {})
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{' '.join(str(r).split())[:160]} (x{n})" for r, n in top)
+    note = (f"{report.graphs} {GRAPH_BREAKS}: the code between the graphs runs eagerly, neither fused nor reported here"
+            + (f". Breaks Dynamo recorded in this process: {why}" if why else "") + " (TORCH_LOGS=graph_breaks shows where)")
+    report.notes[:] = [n for n in report.notes if GRAPH_BREAKS not in n] + [note]
 
 
 def _inside_ddp() -> bool:

@@ -129,3 +129,26 @@ def test_reduce_overhead_on_cpu_compiles_and_matches():
     torch._dynamo.reset()
     torch.testing.assert_close(out, _norm(x))
     assert report.count("rms_norm") == 1
+
+
+def test_graph_breaks_are_a_note_with_their_reason():
+    """Code between two graphs runs eagerly: the report says so, and why Dynamo broke there."""
+
+    class TwoGraphs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    torch._dynamo.reset()
+    report = slothc.Report()
+    torch.compile(TwoGraphs(), backend="slothc", options={"report": report, "inner": "eager"})(torch.randn(2, 8))
+    torch._dynamo.reset()
+    (note,) = [n for n in report.notes if "graph breaks" in n]
+    assert report.graphs == 2 and note.startswith("2 graphs: Dynamo split the model at graph breaks"), report.notes
+    assert "graph_break" in note  # the reason Dynamo recorded names the call
+    assert "2 graphs" in str(report)
