@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import warnings
 
 import torch
 
@@ -28,3 +30,20 @@ def count_calls(monkeypatch, module, names) -> collections.Counter:
 
         monkeypatch.setattr(module, name, counted)
     return calls
+
+
+@contextlib.contextmanager
+def reference_ops_on_cpu(monkeypatch):
+    """Training-loop tests on the CPU: slothc's ops take their torch reference path (not the Triton
+    interpreter: seconds a call), transformers' and peft's warnings are silenced, and Dynamo starts
+    and ends with empty caches."""
+    from slothc.kernels import _launch
+
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()

@@ -180,40 +180,40 @@ def _operands_check(m) -> str | None:
     return None
 
 
-def _rope_check(m) -> str | None:
+def _width_check(m) -> int | str:
+    """The rotated width (a constant, even, split into equal halves where the pattern slices by
+    ``h``), or why the site is skipped."""
     reason = _operands_check(m)
     if reason:
         return reason
-    x, cos = m.val("x"), m.val("cos")
-    rotary_dim = _rotary_dim(m)
-    if isinstance(rotary_dim, str):
-        return rotary_dim
-    if "h" in m.captures:
-        if type(m["h"]) is not int or 2 * m["h"] != rotary_dim:
-            return UNEQUAL_HALVES
-    elif rotary_dim % 2:
-        return ODD_ROTARY_DIM
-    layout = rope_kernels.rope_layout([tuple(x.shape)], tuple(cos.shape), rotary_dim)
-    if isinstance(layout, str):
-        return layout
-    return None
-
-
-def _half_tables_check(m) -> str | None:
-    reason = _operands_check(m)
-    if reason:
-        return reason
-    x, cos = m.val("x"), m.val("cos")
     width = _rotary_dim(m)
     if isinstance(width, str):
         return width
-    if width % 2:
+    if "h" in m.captures:
+        if type(m["h"]) is not int or 2 * m["h"] != width:
+            return UNEQUAL_HALVES
+    elif width % 2:
         return ODD_ROTARY_DIM
-    if "h" in m.captures and (type(m["h"]) is not int or 2 * m["h"] != width):
-        return UNEQUAL_HALVES
+    return width
+
+
+def _rope_check(m) -> str | None:
+    rotary_dim = _width_check(m)
+    if isinstance(rotary_dim, str):
+        return rotary_dim
+    layout = rope_kernels.rope_layout([tuple(m.val("x").shape)], tuple(m.val("cos").shape), rotary_dim)
+    return layout if isinstance(layout, str) else None
+
+
+def _half_tables_check(m) -> str | None:
+    """The one-angle-a-pair forms: cos and sin half the rotated width (the op gets them repeated)."""
+    width = _width_check(m)
+    if isinstance(width, str):
+        return width
+    cos = m.val("cos")
     if cos.dim() == 0 or cos.shape[-1] != width // 2:
         return NOT_HALF_TABLES
-    layout = rope_kernels.rope_layout([tuple(x.shape)], tuple(cos.shape[:-1]) + (width,), width)
+    layout = rope_kernels.rope_layout([tuple(m.val("x").shape)], tuple(cos.shape[:-1]) + (width,), width)
     return layout if isinstance(layout, str) else None
 
 

@@ -19,7 +19,6 @@ relative at most: rtol 1e-5 for the loss, 1e-4 for gradients (the other e2e test
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from slothc.backend import DDP_PIECES
 from slothc.passes.lora_linear import BASE_IN_ANOTHER_GRAPH
 from slothc.passes.matcher import TENSOR_SUBCLASS
 from tests.e2e import _ranks
+from tests.helpers import reference_ops_on_cpu
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -37,14 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _reference_ops_on_cpu(monkeypatch):
-    from slothc.kernels import _launch
-
-    monkeypatch.setattr(_launch, "interpreting", lambda: False)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    with reference_ops_on_cpu(monkeypatch):
+        yield
 
 
 def _single_process(build):

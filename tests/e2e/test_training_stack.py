@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -20,18 +19,13 @@ import torch
 import slothc
 from slothc.tiny import add_lora, tiny_model
 from tests.e2e.test_trainers import BATCH, SEQ, STEPS, VOCAB, _args, _dataset, _losses
+from tests.helpers import reference_ops_on_cpu
 
 
 @pytest.fixture(autouse=True)
 def _reference_ops_on_cpu(monkeypatch):
-    from slothc.kernels import _launch
-
-    monkeypatch.setattr(_launch, "interpreting", lambda: False)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    with reference_ops_on_cpu(monkeypatch):
+        yield
 
 
 def _model():
