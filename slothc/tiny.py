@@ -68,7 +68,7 @@ _BASE_FIELDS = frozenset(
     ("transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
      "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type")
 )
-_LAYER_COUNT = ("num_hidden_layers", "depth")  # ``depth``: vision towers
+_LAYER_COUNT = ("num_hidden_layers", "num_layers", "depth")  # ``num_layers``: LongCat-Flash (its num_hidden_layers is a property); ``depth``: vision towers
 # Integer fields whose value is a number of layers, a layer index or a layer period.
 _LAYERISH = re.compile(r"layer|dense_replace|sparse_step")
 _PERIOD = re.compile(r"period|interval|step|freq|every|pattern")
