@@ -37,10 +37,18 @@ Each rotation is one site. After the rules, the rotations of one attention modul
 cos and sin (q and k) are merged into one ``slothc::rope`` call, one kernel launch
 (:func:`pair_q_and_k`).
 
+Llama 4 and DeepSeek-V2 rotate as a complex product::
+
+    view_as_real(view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs_cis).flatten(-2)   # then .type_as(x)
+
+which is the interleaved rotation computed in fp32 with ``cos = freqs_cis.real`` and ``sin =
+freqs_cis.imag`` repeated over each pair (``(a + bi)(c + di) = (ac - bd) + (ad + bc)i``); the op reads
+x itself, not its fp32 copy, and writes the cast's dtype.
+
 Skipped, with the reason: cos/sin that need a gradient, halves of unequal width (an odd rotary
 dim), cos/sin that do not broadcast over a head dim, a rotation whose result is used in any other
-expression (e.g. a scaling applied inside the rotation), and the complex-number form (Llama 4's
-``view_as_complex(x) * freqs_cis``), which is not matched.
+expression (e.g. a scaling applied inside the rotation), and a complex product in another form (not
+of x's pairs, or not flattened back).
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ UNEQUAL_HALVES = "the halves of rotate_half differ in width (odd rotary dim)"
 ODD_ROTARY_DIM = "odd rotary dim"
 SLICE_NOT_CONSTANT = "the rotary dim is not a constant"
 NOT_ROPE_FORM = "rotation not in the form x * cos + rotate(x) * sin (e.g. scaled inside the rotation)"
-COMPLEX_ROTATION = "rotation as a complex product (view_as_complex(x) * freqs_cis) is not matched"
+COMPLEX_ROTATION = "rotation as a complex product (view_as_complex(x) * freqs_cis) in another form than x's pairs flattened back"
+COMPLEX_TABLE = "the complex rotary table is not complex64 of one angle a pair, or needs a gradient"
 NOT_HALF_TABLES = "cos/sin are not half the rotated width (one angle a pair)"
 
 _OP = torch.ops.slothc.rope.default
@@ -153,6 +162,14 @@ def _rope_complex_pattern(x, freqs):  # Llama 4: view_as_real(view_as_complex(x)
     return torch.view_as_real(torch.view_as_complex(x) * freqs)
 
 
+def _rope_complex_flat_pattern(x, freqs):  # the product flattened back to the head dim (fp32)
+    return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2)
+
+
+def _rope_complex_cast_pattern(x, freqs, dtype):  # ... and cast back: .type_as(x)
+    return torch.view_as_real(torch.view_as_complex(x) * freqs).flatten(-2).to(dtype)
+
+
 # -- checks ------------------------------------------------------------------------------------------
 
 
@@ -217,6 +234,55 @@ def _half_tables_check(m) -> str | None:
     return layout if isinstance(layout, str) else None
 
 
+def _pairs_of(node) -> Node | None:
+    """``x`` where ``node`` is ``x.float().reshape(*x.shape[:-1], -1, 2)`` (or without the cast for
+    an fp32 x): x's channels as pairs, viewed for ``view_as_complex``."""
+    if not isinstance(node, Node) or node.target not in (torch.Tensor.reshape, torch.Tensor.view, torch.reshape):
+        return None
+    source = node.args[0]
+    if isinstance(source, Node) and source.target is torch.Tensor.to and source.args[1:] == (torch.float32,) and not source.kwargs:
+        source = source.args[0]
+    x, pairs = val(source), val(node)
+    if not isinstance(x, torch.Tensor) or not isinstance(pairs, torch.Tensor) or x.dim() == 0:
+        return None
+    width = x.shape[-1]
+    if type(width) is not int or width % 2 or tuple(pairs.shape) != (*x.shape[:-1], width // 2, 2):
+        return None
+    return source
+
+
+def _complex_check(m) -> str | None:
+    source = _pairs_of(m["x"])
+    if source is None:
+        return COMPLEX_ROTATION
+    x, freqs = val(source), m.val("freqs")
+    if x.dtype not in SUPPORTED_DTYPES or ("dtype" in m.captures and m["dtype"] not in SUPPORTED_DTYPES):
+        return UNSUPPORTED_DTYPE
+    if x.device.type not in ("cuda", "cpu"):
+        return UNSUPPORTED_DEVICE
+    width = x.shape[-1]
+    if not isinstance(freqs, torch.Tensor) or freqs.dtype != torch.complex64 or freqs.requires_grad or freqs.dim() == 0 \
+            or freqs.shape[-1] != width // 2:
+        return COMPLEX_TABLE
+    layout = rope_kernels.rope_layout([tuple(x.shape)], tuple(freqs.shape[:-1]) + (width,), width)
+    if isinstance(layout, str):
+        return layout
+    m.state["source"] = source
+    return None
+
+
+def _replace_complex(m, x, freqs, dtype=None, **_):
+    """The interleaved rotation of x itself, cos and sin the real and imaginary parts of ``freqs``."""
+    source = torch.fx.Proxy(m.state["source"], x.tracer)
+    width = val(m.state["source"]).shape[-1]
+    table = torch.view_as_real(freqs)  # [..., width / 2, 2]: cos and sin of each pair's angle
+    cos = torch.repeat_interleave(table[..., 0], 2, -1)
+    sin = torch.repeat_interleave(table[..., 1], 2, -1)
+    out_dtype = dtype if dtype is not None else torch.float32
+    m.state["variant"] = "complex product, interleaved, fp32" + (" then cast back" if dtype is not None else "")
+    return _OP(source, None, cos, sin, width, True, out_dtype, False)[0]
+
+
 def _alone_check(m) -> str:
     """A rotate_half / rotate_every_two left over after the rules: report it, unless it belongs to a
     full expression that a rule already reported (skipped for another reason)."""
@@ -275,6 +341,8 @@ RULES = RuleSet(
              _half_tables_check),
         Rule("rope", "rotate_half, one angle a pair", _rope_half_tables_slice_pattern, _half_tables_replacement(False),
              _half_tables_check),
+        Rule("rope", "complex product", _rope_complex_cast_pattern, _replace_complex, _complex_check),
+        Rule("rope", "complex product", _rope_complex_flat_pattern, _replace_complex, _complex_check),
     ]
 )
 REPORT_ONLY = RuleSet(
@@ -292,7 +360,7 @@ REPORT_ONLY = RuleSet(
 _SAME_VALUE_TARGETS = frozenset(
     {operator.getitem, torch.repeat_interleave, torch.Tensor.repeat_interleave, torch.Tensor.unsqueeze,
      torch.unsqueeze, torch.Tensor.to, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand, operator.neg,
-     torch.cat}
+     torch.cat, torch.view_as_real}
 )
 
 

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.cohere import modeling_cohere
+from transformers.models.deepseek_v2 import modeling_deepseek_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3
 from transformers.models.ernie4_5 import modeling_ernie4_5
 from transformers.models.glm import modeling_glm
@@ -267,11 +268,54 @@ def test_roformer_reshape_as_spelling():
     assert report.count("rope") == 2 and len(_calls(graphs[0])) == 1, str(report)
 
 
-def test_complex_form_is_reported():
-    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
-    freqs = torch.polar(torch.ones(2, 5, 4), torch.randn(2, 5, 4))
-    report, _, _ = capture(modeling_llama4.apply_rotary_emb, q, k, freqs)
-    assert report.count("rope") == 0 and _reasons(report) == [rope_pass.COMPLEX_ROTATION] * 2
+COMPLEX = {
+    "llama4": (modeling_llama4.apply_rotary_emb, False),  # seq-first q [B, S, H, D], freqs_cis [B, S, D/2]
+    "deepseek_v2": (modeling_deepseek_v2.apply_rotary_emb, True),  # heads-first, freqs_cis unsqueezed at 1
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(COMPLEX))
+def test_complex_product_is_the_interleaved_rotation(family, dtype):
+    """Llama 4's and DeepSeek-V2's ``view_as_real(view_as_complex(x.float()...) * freqs_cis)``: one
+    call for q and k, eager's results and gradients (bf16: by the float64 criterion)."""
+    fn, heads_first = COMPLEX[family]
+    g = torch.Generator().manual_seed(0)
+    shape_q, shape_k = ((2, 4, 5, 8), (2, 2, 5, 8)) if heads_first else ((2, 5, 4, 8), (2, 5, 2, 8))
+    q = torch.randn(shape_q, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(shape_k, generator=g).to(dtype).requires_grad_()
+    freqs = torch.polar(torch.ones(2, 5, 4), torch.rand(2, 5, 4, generator=g) * 100)
+    report, graphs, out = capture(fn, q, k, freqs)
+    assert report.count("rope") == 2 and not [s for s in report.skipped if s.fusion == "rope"], str(report)
+    assert all(s.variant.startswith("complex product, interleaved, fp32 then cast back") for s in report.fused["rope"]), str(report)
+    (call,) = _calls(graphs[0])
+    assert call.args[1] is not None  # q and k in one call
+    assert not [n for n in graphs[0].graph.nodes if n.target in (torch.view_as_complex, operator.mul)]
+    grads = [torch.randn_like(o) for o in out]
+    got = list(out) + list(torch.autograd.grad(out, [q, k], grads))
+    q_e, k_e = (t.detach().clone().requires_grad_() for t in (q, k))
+    want = list(fn(q_e, k_e, freqs))
+    want += list(torch.autograd.grad(want, [q_e, k_e], grads))
+    q_r, k_r = (t.detach().double().requires_grad_() for t in (q, k))
+    ref = list(fn(q_r, k_r, freqs.to(torch.complex128)))
+    ref += list(torch.autograd.grad(ref, [q_r, k_r], [g.double() for g in grads]))
+    for i, (a, w, r) in enumerate(zip(got, want, ref)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, w)
+        else:
+            testing.assert_matches_reference(a, w, r.to(torch.float64), k=2 if i < 2 else 3, name=f"result {i}")
+
+
+def test_complex_product_in_another_form_is_reported():
+    """Not flattened back to x's layout: the product of some other pairs; reported, left alone."""
+
+    def fn(q, freqs):
+        return torch.view_as_real(torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2)) * freqs)
+
+    q, freqs = torch.randn(2, 5, 4, 8), torch.polar(torch.ones(2, 5, 1, 4), torch.randn(2, 5, 1, 4))
+    report, _, out = capture(fn, q, freqs)
+    torch.testing.assert_close(out, fn(q, freqs))
+    assert report.count("rope") == 0 and _reasons(report) == [rope_pass.COMPLEX_ROTATION]
 
 
 def test_disabled_by_option():
