@@ -17,6 +17,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -32,7 +33,8 @@ def launch(scenario: str, directory, world: int = WORLD, timeout: float = TIMEOU
     """Run ``scenario`` on ``world`` ranks; the list of what each rank returned."""
     directory = pathlib.Path(directory)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH")))))
+    env.update(WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, (ROOT, env.get("PYTHONPATH")))),
+               SLOTHC_RANKS_PARENT=str(os.getpid()))
     procs, logs = [], [directory / f"rank{rank}.log" for rank in range(world)]
     for rank in range(world):
         with open(logs[rank], "w") as log:
@@ -168,8 +170,24 @@ def dtensor_loss(rank: int, world: int) -> dict:
 SCENARIOS = {"ddp": ddp, "fsdp2": fsdp2, "dtensor_loss": dtensor_loss}
 
 
+def _exit_with_parent(limit_s: float) -> None:
+    """A rank ends when the test that started it is gone (a killed pytest takes its time limit with it)
+    or at the limit: never an orphan that holds the CPUs."""
+    # The launcher's pid from the environment: by the time torch is imported it may be gone already.
+    parent, deadline = int(os.environ.get("SLOTHC_RANKS_PARENT", os.getppid())), time.monotonic() + limit_s
+
+    def watch():
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(scenario: str, directory: str) -> None:
     import torch.distributed as dist
+
+    _exit_with_parent(TIMEOUT_S + 30)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
