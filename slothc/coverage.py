@@ -20,7 +20,8 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    rounding (``correct``); where the model has an op without float64 support (grouped MoE
    matmuls), against eager within 1e-4 of its largest value (``reference`` says which);
 4. the fusion report's sites per kind against the candidate sites: the modules that the eager
-   step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``), PEFT's LoRA linears, the tensors
+   step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``; its result shaped like its input,
+   and not a wrapper of another norm), PEFT's LoRA linears, the tensors
    that transformers' rotary functions (``apply_rotary_pos_emb`` and kin, found by name) rotated
    (q and k of each call: NoPE layers call none; where no such function ran but the config has
    rotary embeddings, two for each attention module), the gated MLP modules (a ``gate``
@@ -101,13 +102,26 @@ class _RotaryCalls:
             self.tensors += isinstance(value, torch.Tensor) and value.dim() >= 3
 
 
+def _is_norm(module) -> bool:
+    import torch
+
+    name = type(module).__name__
+    return name.endswith("RMSNorm") or name.endswith("LayerNorm") or isinstance(module, torch.nn.LayerNorm)
+
+
 def _candidates(model, run) -> dict:
     """Candidate sites: modules that ``run()`` executed, by class, and the tensors its rotary
     functions rotated (module docstring)."""
     import torch
 
-    ran = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o: ran.add(id(mod))) for m in model.modules()]
+    ran, same_shape = set(), {}
+
+    def ran_hook(mod, inputs, output):
+        ran.add(id(mod))
+        x = inputs[0] if inputs else None
+        same_shape[id(mod)] = isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and output.shape == x.shape
+
+    hooks = [m.register_forward_hook(ran_hook) for m in model.modules()]
     try:
         with _RotaryCalls() as rotary_calls:
             run()
@@ -125,8 +139,8 @@ def _candidates(model, run) -> dict:
         name = type(m).__name__
         if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
             counts["lora"] += 1
-        elif name.endswith("RMSNorm") or name.endswith("LayerNorm") or isinstance(m, torch.nn.LayerNorm):
-            counts["norm"] += 1
+        elif _is_norm(m) and same_shape.get(id(m)) and not any(_is_norm(c) for c in m.children()):
+            counts["norm"] += 1  # a norm: not a wrapper of one (AXK2's gated norm), nor one that returns only its scale (HY-V4's)
         elif name.endswith("Attention") and rotary:
             counts["rope"] += 2
         elif name.endswith("MLP") and any("gate" in child for child, _ in m.named_children()):

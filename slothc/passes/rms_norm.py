@@ -10,6 +10,9 @@ are alike):
 - ``weight_then_cast`` (OLMo2): ``(weight * normalized).to(x.dtype)``: weight applied in fp32.
 - ``gemma`` (Gemma 1/2/3 incl. q/k norms): ``(normalized * (offset + weight.float())).type_as(x)``.
 - ``no_weight``: upcast, normalize, cast back; no scale.
+- ``scale_cast`` (DeepSeek-V4's and HY-V4's unweighted norm): ``x * rsqrt(mean(x.float()^2) + eps).to(x.dtype)``:
+  the scale is cast to x's dtype and applied there. Eager rounds twice in x's dtype (the scale, then
+  the product), the op once: the same values in fp32, within an ulp in bf16/fp16.
 - ``fp32``: no casts at all: only fused when the input is fp32 (in half precision eager would
   compute in half precision, which the fused kernel does not reproduce).
 
@@ -81,6 +84,10 @@ def _rms_norm_no_weight_pattern(x, eps, dim):
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
     return h.to(x.dtype)
+
+
+def _rms_norm_scale_cast_pattern(x, eps, dim):
+    return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dim, keepdim=True) + eps).to(x.dtype)
 
 
 def _rms_norm_fp32_pattern(x, eps, dim):
@@ -195,6 +202,7 @@ RULES = RuleSet(
         Rule("rms_norm", "gemma", _rms_norm_gemma_pattern, _rms_norm_gemma_replacement, _rms_norm_check),
         Rule("rms_norm", "weight_then_cast", _rms_norm_weight_then_cast_pattern, _rms_norm_weight_then_cast_replacement, _rms_norm_check),
         Rule("rms_norm", "no_weight", _rms_norm_no_weight_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),
+        Rule("rms_norm", "scale_cast", _rms_norm_scale_cast_pattern, _rms_norm_no_weight_replacement, _rms_norm_check),
         Rule("rms_norm", "fp32", _rms_norm_fp32_pattern, _rms_norm_fp32_replacement, _rms_norm_fp32_check),
         Rule("rms_norm", "eps_after_rsqrt", _rms_norm_eps_after_rsqrt_pattern, None, always(EPS_AFTER_RSQRT)),
         Rule("rms_norm", "eps_after_sqrt", _rms_norm_eps_after_sqrt_pattern, None, always(EPS_AFTER_SQRT)),

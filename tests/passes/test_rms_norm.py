@@ -58,6 +58,10 @@ def cpmant(x, w):  # CpmAntLayerNorm: the variance from an fp32 copy, the produc
     return (x * torch.rsqrt(variance + EPS)).to(old_dtype) * w
 
 
+def scale_cast(x, w):  # DeepseekV4UnweightedRMSNorm / HYV4's: the scale cast to x's dtype, applied there; no weight
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + EPS).to(x.dtype)
+
+
 def gemma4(x, w):  # Gemma4RMSNorm / Gemma3n: pow(v, -0.5) for rsqrt, the weight in fp32, type_as at the end
     h = x.float()
     normed = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + EPS, -0.5)
@@ -76,6 +80,7 @@ SPELLINGS = {
     "cpmant": (cpmant, "variance_upcast", 1),
     "gemma4": (gemma4, "weight_then_cast", 1),
     "no_weight": (no_weight, "no_weight", 1),
+    "scale_cast": (scale_cast, "scale_cast", 1),
     "fp32_only": (fp32_only, "fp32", 1),
 }
 
@@ -291,3 +296,17 @@ def test_torch_rms_norm_with_a_weight_of_another_dtype_is_skipped():
     report, _, out = capture(norm, x)
     assert report.count("rms_norm") == 0 and [s.reason for s in report.skipped] == [P.WEIGHT_OTHER_DTYPE], str(report)
     torch.testing.assert_close(out, norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 3, 24), (3, 129)])
+def test_scale_cast_spelling_matches_eager_by_the_float64_criterion(shape, dtype):
+    """DeepSeek-V4 rounds the scale to x's dtype, then the product; the op rounds once: its result
+    and gradient against float64 are within the bound of eager's own (exact in fp32)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
+
+    from slothc import testing
+
+    eager = DeepseekV4UnweightedRMSNorm(eps=EPS)
+    x = testing.make_tensor(shape, dtype, seed=sum(shape)).requires_grad_()
+    testing.check_against_eager(lambda t: capture(eager, t)[2], eager, x, seed=1)
