@@ -62,14 +62,15 @@ K = 4.0  # slothc's error may be this many times eager's (plus the floor): the e
 
 
 _ROTARY_FUNCTION = re.compile(r"^_?apply_\w*(rotary|rope)")  # apply_rotary_pos_emb, _apply_rotary_emb, ...
-_TABLE_ARGUMENT = re.compile(r"cos|sin|freq|pos|emb|theta|rot")  # where the rotated tensors' arguments end
+_TABLE_ARGUMENT = re.compile(r"cos|sin|freq|pos|emb|theta")  # an argument that is a table, not a rotated tensor
 
 
 class _RotaryCalls:
     """Counts the tensors that transformers' rotary functions (``apply_rotary_pos_emb`` and kin, by
-    name) rotate while it is active: the tensors of rank >= 3 among the arguments before the first
-    table (an argument named like ``cos``, ``sin``, ``freqs``, ``position_ids``): q and k in Llama's
-    ``(q, k, cos, sin)``, one in GPT-J's ``(tensor, sin, cos)`` and Gemma 4's ``(x, cos, sin)``. A call
+    name) rotate while it is active: the tensors of rank >= 3 among the arguments that are not tables
+    (named like ``cos``, ``sin``, ``freqs``, ``sinusoidal_pos``): q and k in Llama's ``(q, k, cos,
+    sin)`` and RoFormer's ``(sinusoidal_pos, query, key, value=None)``, one in GPT-J's ``(tensor,
+    sin, cos)`` and Gemma 4's ``(x, cos, sin)``. A call
     made from inside another such function (GPT-OSS's ``_apply_rotary_emb``) is part of that one.
     NoPE layers (SmolLM3, Cohere 2, EXAONE 4) and models that switch RoPE off call none."""
 
@@ -96,10 +97,8 @@ class _RotaryCalls:
 
         self.calls += 1
         for name in frame.f_code.co_varnames[: frame.f_code.co_argcount]:
-            if _TABLE_ARGUMENT.search(name):
-                break
             value = frame.f_locals.get(name)
-            self.tensors += isinstance(value, torch.Tensor) and value.dim() >= 3
+            self.tensors += not _TABLE_ARGUMENT.search(name) and isinstance(value, torch.Tensor) and value.dim() >= 3
 
 
 def _is_norm(module) -> bool:
