@@ -88,3 +88,65 @@ def test_update_rewrites_the_committed_table(tmp_path, monkeypatch):
     assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
     assert result["summary"].startswith("2 architectures: 2 correct, 2 fully fused, 0 failed")
     assert result["summary"] in (tmp_path / "coverage-transformers-x.md").read_text()
+
+
+def test_rotary_candidates_are_the_rotated_tensors():
+    """Rotary functions are found by name; table arguments (cos, sin, freqs, sinusoidal_pos) do not
+    count, wherever they stand; a call from inside another one is part of it; NoPE calls none."""
+    import torch
+
+    q, k, table = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 3, 4)
+
+    def _apply_rotary_emb(x, cos, sin):  # GPT-OSS's inner function: one tensor
+        return x * cos
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Llama's: q and k
+        return _apply_rotary_emb(q, cos, sin), _apply_rotary_emb(k, cos, sin)
+
+    def apply_rotary_position_embeddings(sinusoidal_pos, query_layer, key_layer, value_layer=None):  # RoFormer's
+        return query_layer, key_layer
+
+    def apply_rotary_pos_emb_gemma4(x, cos, sin):  # one tensor, the tables after it
+        return x
+
+    def attention_without_rope(q, k):
+        return q @ k.transpose(-1, -2)
+
+    with coverage._RotaryCalls() as calls:
+        apply_rotary_pos_emb(q, k, table, table)
+        apply_rotary_position_embeddings(table[None], q, k)
+        apply_rotary_pos_emb_gemma4(q, table, table)
+        attention_without_rope(q, k)
+    assert (calls.calls, calls.tensors) == (3, 2 + 2 + 1)
+
+
+def test_norm_candidates_are_norms_not_their_wrappers_nor_their_scales():
+    import torch
+
+    class LlamaRMSNorm(torch.nn.Module):  # noqa: D101  (the class names are what the rule reads)
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class GatedRMSNorm(torch.nn.Module):  # AXK2's wrapper: its inner norm is the site
+        def __init__(self):
+            super().__init__()
+            self.norm = LlamaRMSNorm()
+
+        def forward(self, x):
+            return self.norm(x) * 2
+
+    class UnweightedRMSNorm(torch.nn.Module):  # HY-V4's: returns only the scale, [..., 1]
+        def forward(self, x):
+            return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gated, self.scale = GatedRMSNorm(), UnweightedRMSNorm()
+
+        def forward(self, x):
+            return self.gated(x) * self.scale(x)
+
+    model, x = Model(), torch.randn(2, 8)
+    model.config = type("Config", (), {})()
+    assert coverage._candidates(model, lambda: model(x))["norm"] == 1
