@@ -140,9 +140,10 @@ def _quant_ok(shape, blocksize, quant_type) -> bool:
 
 
 def _insert(graph: Graph, before: Node, like: Node, state: tuple, dequant_dtype: torch.dtype, bwd_dtype, form: str):
-    """Insert ``linear(x, slothc::dequantize_4bit(...), bias)`` before ``before``; None if it does not
-    compute what ``like`` does (``AUTOCAST_DTYPE`` where only the dtype differs: the graph runs under
-    autocast, which changes the linear's dtype and not bitsandbytes')."""
+    """Insert ``linear(x, slothc::dequantize_4bit(...), bias)`` before ``before``; where it would not
+    compute what ``like`` does, nothing is inserted and the reason is returned (``AUTOCAST_DTYPE``
+    where only the dtype differs: the graph runs under autocast, which changes the linear's dtype and
+    not bitsandbytes')."""
     x, packed, absmax, a8, code, offset, shape, blocksize, quant_type, bias = state
     with graph.inserting_before(before):
         dq = graph.call_function(_DEQUANT, (packed, absmax, a8, code, offset, [int(s) for s in shape], int(blocksize), quant_type,
@@ -153,7 +154,7 @@ def _insert(graph: Graph, before: Node, like: Node, state: tuple, dequant_dtype:
     if not ok or not isinstance(old, torch.Tensor) or tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
         graph.erase_node(lin)
         graph.erase_node(dq)
-        return AUTOCAST_DTYPE if ok and isinstance(old, torch.Tensor) and tuple(new.shape) == tuple(old.shape) else None
+        return AUTOCAST_DTYPE if ok and isinstance(old, torch.Tensor) and tuple(new.shape) == tuple(old.shape) else UNSUPPORTED_QUANT
     dq.meta["slothc_4bit"] = {"form": form, "bwd_dtype": bwd_dtype}
     return lin
 
@@ -198,8 +199,8 @@ def _rewrite_gemm(graph, node, gemm, report, graph_index):
     if isinstance(out, torch.Tensor) and out.requires_grad:  # x needs grad and the call is not under no_grad
         return _skip(report, graph_index, node, DIRECT_GEMM_NEEDS_GRAD)
     lin = _insert(graph, node, node, state, x.dtype, None, "gemm_4bit")
-    if lin is None or isinstance(lin, str):
-        return _skip(report, graph_index, node, lin or UNSUPPORTED_QUANT)
+    if isinstance(lin, str):
+        return _skip(report, graph_index, node, lin)
     node.replace_all_uses_with(lin)
     graph.erase_node(node)
 
@@ -247,8 +248,8 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
         return _skip(report, graph_index, node, reason)
     x = val(state[0])
     lin = _insert(graph, node, getters[0] if getters else node, state, x.dtype, bwd_dtype, "MatMul4Bit")
-    if lin is None or isinstance(lin, str):
-        return _skip(report, graph_index, node, lin or UNSUPPORTED_QUANT)
+    if isinstance(lin, str):
+        return _skip(report, graph_index, node, lin)
     if bwd_dtype not in (torch.float32, val(lin).dtype):
         # decided here, not by the rules: a rewritten-but-unfused linear would back-propagate through
         # a saved W in the base dtype, not through bitsandbytes' backward

@@ -14,24 +14,21 @@ learning-rate-sized ones.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
 import slothc
 from slothc.tiny import add_lora, load_in_4bit, tiny_model
+from tests.helpers import reference_ops_on_cpu
 
 STEPS, BATCH, SEQ, VOCAB = 2, 2, 16, 128
 
 
 @pytest.fixture(autouse=True)
 def _reference_ops_on_cpu(monkeypatch):
-    from slothc.kernels import _launch
-
-    monkeypatch.setattr(_launch, "interpreting", lambda: False)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    with reference_ops_on_cpu(monkeypatch):
+        yield
 
 
 def _model(qlora=None):
