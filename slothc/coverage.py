@@ -4,6 +4,7 @@
     slothc coverage --arch llama qwen3 gemma2        # some
     slothc coverage --out-dir docs --jobs 2          # Markdown + JSON into docs/
     slothc coverage --arch dots1 --update docs/coverage-transformers-5.24.0.json   # rerun rows of a committed table
+    slothc coverage --device cuda --jobs 8 --out-dir docs   # on a GPU: slothc's Triton kernels run (table -cuda)
 
 For each ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, in its own process (a crash or a
 hang costs that architecture only; ``--budget-s`` bounds each one):
@@ -12,7 +13,9 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    size, derived from the config's own fields), PEFT LoRA on all linear layers (B random too, so
    every adapter gradient is non-zero), training mode, fp32, dropout off (each run would draw its
    own masks);
-2. one training step in eager, one in float64 (the reference) and one compiled with slothc
+2. on ``--device`` (default ``cpu``; on ``cuda`` the fused ops run their Triton kernels, where on
+   the CPU they run their torch code), one training step in eager, one in float64 (the
+   reference) and one compiled with slothc
    (``--inner``, default ``aot_eager``: AOTAutograd and slothc's backward formulas, without
    Inductor's compile time; ``inductor`` for the full path);
 3. the loss and every LoRA gradient are judged as the tests judge a fused op: slothc's error
@@ -271,7 +274,7 @@ def _excluded(row: dict) -> dict:
     return {**row, "status": NOT_TEXT, "needs": why, "text_status": row["status"]} if why else row
 
 
-def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_eager") -> dict:
+def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_eager", device: str = "cpu") -> dict:
     """One architecture (module docstring); runs in the calling process."""
     import torch
 
@@ -282,9 +285,9 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
     row: dict = {"arch": arch}
     try:
         torch.manual_seed(0)
-        model = _with_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), row).train()
+        model = _with_lora(tiny.tiny_model(arch, layers=layers, hidden=hidden), row).train().to(device)
         no_dropout(model)
-        batch = dict(tiny.sample_batch(model.config, batch=2, seq=16), use_cache=False)  # training: no KV cache
+        batch = dict(tiny.sample_batch(model.config, batch=2, seq=16, device=device), use_cache=False)  # training: no KV cache
         ref_model = copy.deepcopy(model).double()
         fused_model = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001
@@ -347,7 +350,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
 def _run_child(arch: str, args) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         cmd = [sys.executable, "-m", "slothc.coverage", "--child", arch, "--result", out.name, "--layers", str(args.layers),
-               "--hidden", str(args.hidden), "--inner", args.inner]
+               "--hidden", str(args.hidden), "--inner", args.inner, "--device", args.device]
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, timeout=args.budget_s, capture_output=True, text=True)
@@ -437,6 +440,7 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--inner", default="aot_eager", choices=("aot_eager", "inductor", "eager"), help="slothc's inner compiler")
+    p.add_argument("--device", default="cpu", help="where each step runs: cpu (default) or cuda (the Triton kernels)")
     p.add_argument("--budget-s", type=float, default=180.0, help="time budget of one architecture (default 180 s)")
     p.add_argument("--jobs", type=int, default=1, help="architectures checked at once (one process each)")
     p.add_argument("--out-dir", default=None, help="write coverage-<transformers version>.md and .json there")
@@ -461,23 +465,29 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore")
         logging.disable(logging.WARNING)
-        row = check_arch(args.child, args.layers, args.hidden, args.inner)
+        row = check_arch(args.child, args.layers, args.hidden, args.inner, args.device)
         with open(args.result, "w") as f:
             json.dump(row, f)
         return 0
     from slothc import tiny
-    from slothc.train_bench import _versions
+    from slothc.train_bench import _device_name, _versions
 
     archs = args.arch or tiny.causal_lm_archs()
     for a in archs:
         tiny.check_arch(a)
-    versions = {k: v for k, v in _versions().items() if k in ("torch", "transformers", "peft", "slothc")}
+    if args.device != "cpu":
+        import torch
+
+        if not torch.device(args.device).type == "cuda" or not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    versions = {k: v for k, v in _versions().items() if k in ("torch", "triton", "transformers", "peft", "slothc")}
+    versions["device"] = _device_name(args.device)
     committed = None
     if args.update:
         with open(args.update) as f:
             committed = json.load(f)
         differ = {k: (committed["versions"].get(k), v) for k, v in versions.items()
-                  if k != "slothc" and committed["versions"].get(k) != v}
+                  if k != "slothc" and k in committed["versions"] and committed["versions"][k] != v}
         if differ:  # one table, one set of versions
             raise SystemExit(f"--update: {args.update} was made with other versions ({differ}); rerun every architecture")
     rows = run(archs, args)
@@ -488,7 +498,8 @@ def main(argv=None) -> int:
     stems = []
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        stems.append(os.path.join(args.out_dir, f"coverage-transformers-{versions['transformers']}"))
+        suffix = "" if args.device == "cpu" else "-cuda"
+        stems.append(os.path.join(args.out_dir, f"coverage-transformers-{versions['transformers']}{suffix}"))
     if args.update:
         stems.append(args.update[: -len(".json")] if args.update.endswith(".json") else args.update)
     for stem in stems:

@@ -3,6 +3,8 @@ each in its own process, equal to eager, every site fused; the table and the sum
 
 import json
 
+import pytest
+
 from slothc import coverage
 
 # cohere_compass_text: builds only with RoPE parameters per layer type (a later tiny config);
@@ -88,6 +90,39 @@ def test_update_rewrites_the_committed_table(tmp_path, monkeypatch):
     assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
     assert result["summary"].startswith("2 architectures: 2 correct, 2 fully fused, 0 failed")
     assert result["summary"] in (tmp_path / "coverage-transformers-x.md").read_text()
+
+
+def test_update_refuses_a_table_of_other_versions_or_another_device(tmp_path):
+    from slothc.train_bench import _versions
+
+    versions = {k: v for k, v in _versions().items() if k in ("torch", "transformers", "peft", "slothc")}
+    path = tmp_path / "coverage-transformers-x.json"
+    for other in ({"device": "NVIDIA H200"}, {"transformers": "0.0.1"}):
+        path.write_text(json.dumps({"versions": {**versions, **other}, "summary": "", "rows": []}))
+        with pytest.raises(SystemExit, match="rerun every architecture") as e:
+            coverage.main(["--arch", "llama", "--update", str(path)])
+        assert next(iter(other)) in str(e.value)
+
+
+def test_cuda_without_a_gpu_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="use --device cpu"):
+        coverage.main(["--arch", "llama", "--device", "cuda"])
+
+
+@pytest.mark.gpu
+def test_an_architecture_on_the_gpu_runs_the_triton_kernels():
+    """On CUDA the fused ops run their Triton kernels, and the step is still eager's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    row = coverage.check_arch("llama", device="cuda")
+    torch._dynamo.reset()
+    assert row["status"] == "ok" and row["correct"] and row["fully_fused"], row
 
 
 def test_rotary_candidates_are_the_rotated_tensors():
