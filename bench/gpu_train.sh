@@ -6,6 +6,11 @@
 #     run(command="OUT=$OUT SLOTHC_GIT_SHA=<sha> TEST_ARGS='tests/kernels' TRAIN_ARGS='--workload a' bash bench/gpu_train.sh",
 #         carry=[".whl", ".carry"], timeout_s=600)
 #
+# COVERAGE_ARGS (e.g. '--device cuda --jobs 10'): `slothc coverage` in the background from the start,
+# next to the tests, stopped by SIGINT at T_TOTAL less T_MARGIN; its table, rewritten after each
+# architecture, lands in $OUT (coverage.log, coverage-transformers-<version>-cuda.{md,json}). Not
+# next to a benchmark: it would take the benchmark's CPU time.
+#
 # Writes to $OUT: env.txt, tests.log (when TEST_ARGS is set), train.log, and the benchmark's
 # <date>-<device>-train-<workload>.{json,md} (rewritten after each variant, so a run cut short
 # keeps the variants it finished).
@@ -47,6 +52,15 @@ PY
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } >> "$OUT/env.txt" 2>&1
 
+cov_pid=
+if [ -n "${COVERAGE_ARGS:-}" ]; then
+    echo "=== coverage: $COVERAGE_ARGS (limit $((T_TOTAL - T_MARGIN - SECONDS))s)" | tee "$OUT/coverage.log"
+    # shellcheck disable=SC2086  # $COVERAGE_ARGS: word splitting wanted
+    timeout -s INT -k 20 $((T_TOTAL - T_MARGIN - SECONDS)) python3 -m slothc.coverage $COVERAGE_ARGS --out-dir "$OUT" \
+        >> "$OUT/coverage.log" 2>&1 &
+    cov_pid=$!
+fi
+
 if [ -n "${TEST_ARGS:-}" ]; then
     echo "=== tests: $TEST_ARGS (limit ${T_TESTS}s, ${TEST_JOBS:-8} workers)" | tee "$OUT/tests.log"
     t0=$SECONDS
@@ -75,3 +89,9 @@ for args in "${TRAIN_ARGS:-}" "${TRAIN_ARGS2:-}" "${TRAIN_ARGS3:-}"; do
         2>&1 | tee -a "$OUT/train.log"
     echo "=== train_step rc=${PIPESTATUS[0]} ($SECONDS s since the start)" | tee -a "$OUT/train.log"
 done
+
+if [ -n "$cov_pid" ]; then
+    wait "$cov_pid"
+    echo "=== coverage rc=$? ($SECONDS s since the start; 124/130: stopped at the limit)" | tee -a "$OUT/coverage.log"
+    tail -n 3 "$OUT/coverage.log"
+fi

@@ -396,9 +396,10 @@ def _cell(text: str, n: int) -> str:
     return " ".join(text.split())[:n].replace("|", "/")
 
 
-def markdown(rows: list, versions: dict) -> str:
+def markdown(rows: list, versions: dict, partial: str | None = None) -> str:
     lines = [f"# slothc coverage: transformers {versions.get('transformers')}", "",
-             ", ".join(f"{k} {v}" for k, v in versions.items() if v), "", summary(rows), "",
+             ", ".join(f"{k} {v}" for k, v in versions.items() if v), "", *([f"**{partial}**", ""] if partial else []),
+             summary(rows), "",
              "Fused / candidate sites per kind (candidates: the modules the eager step ran, by class; "
              "see `slothc/coverage.py`).", "",
              "| arch | status | equal to eager | fully fused | norm | rope | lora | mlp | loss | skipped (reasons) |",
@@ -419,9 +420,12 @@ def markdown(rows: list, versions: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(archs, args) -> list:
+def run(archs, args, on_row=None) -> list:
+    """Every architecture of ``archs``, ``--jobs`` at a time; ``on_row(rows)`` after each one (the
+    rows so far: a run stopped half way keeps them)."""
     rows, t0 = [], time.time()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
         futures = {pool.submit(_run_child, a, args): a for a in archs}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             r = fut.result()
@@ -430,6 +434,10 @@ def run(archs, args) -> list:
                 ", fully fused" if r.get("fully_fused") else "")
             eta = (time.time() - t0) / i * (len(archs) - i)
             print(f"[{i}/{len(archs)}] {r['arch']}: {state} ({r.get('seconds', 0):.0f} s; about {eta / 60:.0f} min left)", flush=True)
+            if on_row is not None and i < len(archs):
+                on_row(sorted(rows, key=lambda r: r["arch"]))
+    finally:  # stopped (a time limit's SIGINT): no architecture starts after it
+        pool.shutdown(wait=True, cancel_futures=True)
     rows.sort(key=lambda r: r["arch"])
     return rows
 
@@ -490,11 +498,6 @@ def main(argv=None) -> int:
                   if k != "slothc" and k in committed["versions"] and committed["versions"][k] != v}
         if differ:  # one table, one set of versions
             raise SystemExit(f"--update: {args.update} was made with other versions ({differ}); rerun every architecture")
-    rows = run(archs, args)
-    if committed is not None:
-        rows = merge(committed["rows"], rows)
-        versions = {**committed["versions"], **versions}
-    print(summary(rows), flush=True)
     stems = []
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -502,11 +505,25 @@ def main(argv=None) -> int:
         stems.append(os.path.join(args.out_dir, f"coverage-transformers-{versions['transformers']}{suffix}"))
     if args.update:
         stems.append(args.update[: -len(".json")] if args.update.endswith(".json") else args.update)
+
+    def write(rows, pending=()):
+        if committed is not None:
+            rows = merge(committed["rows"], rows)
+        table_versions = {**committed["versions"], **versions} if committed is not None else versions
+        partial = f"partial: {len(pending)} architectures not run yet ({', '.join(sorted(pending))})" if pending else None
+        for stem in stems:
+            with open(stem + ".json", "w") as f:
+                json.dump({"versions": table_versions, "summary": summary(rows), **({"partial": partial} if partial else {}),
+                           "rows": rows}, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(markdown(rows, table_versions, partial))
+        return rows
+
+    # the table so far after each architecture, marked partial (a run stopped by a time limit keeps it)
+    rows = run(archs, args, on_row=(lambda done: write(done, set(archs) - {r["arch"] for r in done})) if stems else None)
+    rows = write(rows) if stems else (merge(committed["rows"], rows) if committed is not None else rows)
+    print(summary(rows), flush=True)
     for stem in stems:
-        with open(stem + ".json", "w") as f:
-            json.dump({"versions": versions, "summary": summary(rows), "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(rows, versions))
         print(f"wrote {stem}.md and .json", flush=True)
     return 0
 

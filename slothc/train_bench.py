@@ -28,8 +28,9 @@ Figures per variant: ``tokens_per_s`` (median step time over ``--steps`` steps a
 ``peak_gib`` (``torch.cuda.max_memory_allocated`` over all steps; ``reserved_gib`` next to it:
 CUDA graphs keep their pool reserved), ``compile_s`` (the first step's time less a median step),
 ``mfu`` (below), ``losses`` (every step's; they must agree with eager's: ``loss_vs_eager``), and with
-``--max-seq`` the longest sequence that fits at batch 1 (doubling from the workload's length, then
-bisection to a multiple of 256, bounded by ``--max-seq-budget-s``).
+``--max-seq`` the longest sequence that fits at batch 1 (``max_seq``: doubling from the workload's
+tokens, batch x length, then bisection to within ``--max-seq-resolution`` of the bracket's lower end,
+bounded by ``--max-seq-budget-s``; the table shows an open bracket as ``>= lo`` or ``lo-hi``).
 
 MFU = tokens/s x FLOPs per token / the bf16 matmul peak measured in the same run (an 8192^3
 ``torch.mm``), with FLOPs per token of a LoRA step (frozen base weights: no weight gradient)::
@@ -203,7 +204,7 @@ def _child(workload, variant, folder, args) -> dict:
         cmd = [sys.executable, "-m", "slothc.train_bench", "--child", variant, "--folder", folder, "--workload", workload.name,
                "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", out.name]
         if args.max_seq:
-            cmd += ["--max-seq", "--max-seq-budget-s", str(args.max_seq_budget_s)]
+            cmd += ["--max-seq", "--max-seq-budget-s", str(args.max_seq_budget_s), "--max-seq-resolution", str(args.max_seq_resolution)]
         if args.profile and variant == "slothc":
             cmd += ["--profile"]
         try:
@@ -317,6 +318,7 @@ def _stepper(run, model, device, cudagraphs: bool):
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())  # a sync a step: the step time is the wall time between syncs
 
+    step.reset = lambda: opt.zero_grad(set_to_none=True)  # after a step that failed half way
     return step
 
 
@@ -360,7 +362,9 @@ def child_main(args) -> dict:
         if args.profile:
             out["profile"] = profile_step(step, batches[-1])
         if args.max_seq:
-            out["max_seq"] = max_seq(step, vocab, workload.seq, args.device, args.max_seq_budget_s)
+            # from the workload's tokens at batch 1: batch and length change at once (one recompile)
+            out["max_seq"] = max_seq(step, vocab, workload.batch * workload.seq, args.device, args.max_seq_budget_s,
+                                     reset=step.reset, resolution=args.max_seq_resolution)
     except ImportError as e:
         out = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"[:600]}
     except Exception as e:  # noqa: BLE001  (recorded, and the next variant runs)
@@ -417,38 +421,68 @@ def profile_step(step, ids, top: int = 25) -> dict:
     return {"gpu_ms_per_step": total, "slothc_kernels_ms": ours, "top": [{"kernel": k[:120], "ms": t, "calls": c} for k, t, c in rows[:top]]}
 
 
-def max_seq(step, vocab: int, start: int, device: str, budget_s: float) -> dict:
-    """The longest sequence that trains at batch 1: doubling from ``start``, then bisection to 256."""
+def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=None, resolution: float = 0.125) -> dict:
+    """The longest sequence that trains at batch 1: doubling from ``start``, then bisection until the
+    bracket is within ``resolution`` of its lower end (and at least 256), or the budget is spent.
+
+    One step a probe (the optimizer's state exists already: the timed steps made it). A probe that
+    runs out of memory calls ``reset`` (the gradients it left are dropped) and counts as too long; any
+    other error ends the search and is recorded (``error``). ``upper_bound``: the shortest length
+    that did not fit (None: none was found in the budget); ``complete``: the bracket was closed."""
     import torch
 
     t0 = time.time()
+    probes = []
 
     def fits(seq):
         ids = torch.randint(0, vocab, (1, seq), device=device)
+        t = time.time()
         try:
             step(ids)
-            step(ids)
-            return True
+            ok = True
         except torch.OutOfMemoryError:
-            return False
+            ok = False
         finally:
+            del ids
+            if reset is not None:
+                reset()
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        probes.append({"seq": seq, "fits": ok, "s": round(time.time() - t, 1)})
+        return ok
 
-    lo, hi, seq = 0, None, start
-    while time.time() - t0 < budget_s:
-        if fits(seq):
-            lo, seq = seq, seq * 2
-        else:
-            hi = seq
-            break
-    while hi is not None and hi - lo > 256 and time.time() - t0 < budget_s:
-        mid = (lo + hi) // 2 // 256 * 256
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"max_seq": lo, "upper_bound": hi, "search_s": time.time() - t0, "complete": hi is not None and hi - lo <= 256}
+    def done(lo, hi):
+        return hi - lo <= max(256, resolution * lo)
+
+    lo, hi, seq, error = 0, None, start, None
+    try:
+        while time.time() - t0 < budget_s:
+            if fits(seq):
+                lo, seq = seq, seq * 2
+            else:
+                hi = seq
+                break
+        while hi is not None and not done(lo, hi) and time.time() - t0 < budget_s:
+            mid = (lo + hi) // 2 // 256 * 256
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    except Exception as e:  # noqa: BLE001  (recorded: the variant's other figures stand)
+        error = f"{type(e).__name__}: {e}"[:300]
+    out = {"max_seq": lo, "upper_bound": hi, "search_s": time.time() - t0, "complete": hi is not None and done(lo, hi),
+           "probes": probes}
+    if error:
+        out["error"] = error
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Tables
+
+
+def _max_seq_cell(ms) -> str:
+    if not ms:
+        return "-"
+    if ms.get("complete"):
+        return str(ms["max_seq"])
+    return f"{ms['max_seq']}-{ms['upper_bound']}" if ms.get("upper_bound") else f">= {ms['max_seq']}"
 
 
 def markdown(result: dict) -> str:
@@ -481,12 +515,20 @@ def markdown(result: dict) -> str:
             continue
         tps = r["tokens_per_s"]
         vs_best = tps / ok[best_peer]["tokens_per_s"] if best_peer and name not in PEERS else None
-        ms = r.get("max_seq", {}) or {}
         lines.append(f"| {name} | {tps:.0f} | {f(tps / eager if eager else None, '.2f')} | {f(vs_best, '.2f')} | {f(r.get('peak_gib'), '.2f')} | "
                      f"{f(r.get('reserved_gib'), '.2f')} | {f(r.get('mfu'), '.1%')} | {f(r.get('compile_s'), '.0f')} | "
-                     f"{f(r.get('loss_vs_eager'), '.2e')} | {ms.get('max_seq', '-') if ms else '-'} |")
+                     f"{f(r.get('loss_vs_eager'), '.2e')} | {_max_seq_cell(r.get('max_seq'))} |")
     if best_peer:
         lines += ["", f"best peer by tokens/s: {best_peer}" + (" (no other peer finished)" if best_peer == "eager" else "")]
+    searched = {name: r["max_seq"] for name, r in ok.items() if r.get("max_seq")}
+    if searched:
+        lines += ["", "max seq: the longest sequence that trained at batch 1 (one step a probe; `a-b`: fits at a, not at b, "
+                  "the search's time ran out between them; `>= a`: nothing failed in the time)"]
+        for name, ms in searched.items():
+            probes = ", ".join(f"{p['seq']} {'ok' if p['fits'] else 'OOM'} ({p['s']:.0f} s)" for p in ms.get("probes", []))
+            run = f" (run {ms['run']})" if ms.get("run") else ""
+            error = f"; stopped by {ms['error']}" if ms.get("error") else ""
+            lines.append(f"- {name}{run}: {_max_seq_cell(ms)} in {ms.get('search_s', 0):.0f} s: {probes}{error}")
     for name, r in ok.items():
         if r.get("fused") is not None:
             fused = ", ".join(f"{k} {n}" for k, n in sorted(r["fused"].items())) or "nothing"
@@ -519,7 +561,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
     p.add_argument("--max-seq", action="store_true", help="also search the longest sequence at batch 1")
-    p.add_argument("--max-seq-budget-s", type=float, default=240.0)
+    p.add_argument("--max-seq-budget-s", type=float, default=240.0, help="time of the search, a variant (default 240 s)")
+    p.add_argument("--max-seq-resolution", type=float, default=0.125,
+                   help="bisect until the bracket is within this share of its lower end (default 0.125)")
     p.add_argument("--profile", action="store_true", help="profile the slothc step (top kernels)")
     p.add_argument("--variant-timeout-s", type=float, default=900.0, help="a variant's process is stopped after this long")
     p.add_argument("--out-dir", default=None, help="where the JSON and Markdown go (default: print only)")
@@ -535,7 +579,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
 def merge(results: list) -> dict:
     """One workload's results from several runs (device calls) in one table: the first run's variants,
     then each later run's variants that the earlier ones lack or did not finish (an error, a
-    timeout, unavailable). Every variant records the run it came from (``run``: the run's git sha
+    timeout, unavailable), and a later run's longest-sequence search where the earlier ones made none
+    (its run recorded in it). Every variant records the run it came from (``run``: the run's git sha
     and position); ``runs`` lists them. Ratios are against the eager of the first run that has one."""
     if not results:
         raise ValueError("merge: no results given")
@@ -555,6 +600,8 @@ def merge(results: list) -> dict:
             have = merged["variants"].get(name)
             if have is None or (have.get("status") != "ok" and v.get("status") == "ok"):
                 merged["variants"][name] = dict(v, run=run)
+            elif have.get("status") == "ok" and not have.get("max_seq") and v.get("max_seq"):  # a later search
+                merged["variants"][name] = dict(have, max_seq=dict(v["max_seq"], run=run))
     _compare_losses(merged["variants"])
     return merged
 

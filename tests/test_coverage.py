@@ -84,12 +84,30 @@ def test_update_rewrites_the_committed_table(tmp_path, monkeypatch):
             "fully_fused": True, "fused": dict.fromkeys(coverage.KINDS, 1), "candidates": dict.fromkeys(coverage.KINDS, 1),
             "skipped": [], "mismatches": []}]
     path.write_text(json.dumps({"versions": versions, "summary": coverage.summary(old), "rows": old}))
-    monkeypatch.setattr(coverage, "run", lambda archs, args: [{**old[1], "arch": a} for a in archs])
+    monkeypatch.setattr(coverage, "run", lambda archs, args, on_row=None: [{**old[1], "arch": a} for a in archs])
     assert coverage.main(["--arch", "llama", "--update", str(path)]) == 0
     result = json.loads(path.read_text())
     assert [r["status"] for r in result["rows"]] == ["ok", "ok"]
     assert result["summary"].startswith("2 architectures: 2 correct, 2 fully fused, 0 failed")
     assert result["summary"] in (tmp_path / "coverage-transformers-x.md").read_text()
+
+
+def test_a_run_stopped_half_way_leaves_the_table_so_far_marked_partial(tmp_path, monkeypatch):
+    row = {"status": "ok", "correct": True, "fully_fused": True, "fused": dict.fromkeys(coverage.KINDS, 1),
+           "candidates": dict.fromkeys(coverage.KINDS, 1), "skipped": [], "mismatches": []}
+
+    def child(arch, args):
+        if arch == "qwen3":
+            raise KeyboardInterrupt  # the time limit's signal, in the middle of the run
+        return {**row, "arch": arch}
+
+    monkeypatch.setattr(coverage, "_run_child", child)
+    with pytest.raises(KeyboardInterrupt):
+        coverage.main(["--arch", "llama", "qwen3", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("coverage-transformers-*.json")
+    result = json.loads(path.read_text())
+    assert [r["arch"] for r in result["rows"]] == ["llama"] and result["partial"] == "partial: 1 architectures not run yet (qwen3)"
+    assert "**partial: 1 architectures not run yet (qwen3)**" in path.with_suffix(".md").read_text()
 
 
 def test_update_refuses_a_table_of_other_versions_or_another_device(tmp_path):

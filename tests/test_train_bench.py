@@ -72,3 +72,57 @@ def test_merge_takes_later_runs_variants_that_the_first_lacks_or_did_not_finish(
     assert "| unsloth | 120 | 1.20 |" in table
     with pytest.raises(ValueError, match="one workload"):
         train_bench.merge([first, dict(second, workload={"name": "b", "description": "d"})])
+
+
+def _fake_step(limit, calls, other_error_at=None):
+    """A step that runs out of memory above ``limit`` tokens (and fails otherwise at ``other_error_at``)."""
+    import torch
+
+    def step(ids):
+        calls.append(ids.shape[1])
+        if other_error_at is not None and ids.shape[1] >= other_error_at:
+            raise RuntimeError("an unrelated failure")
+        if ids.shape[1] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 1.0
+
+    return step
+
+
+def test_max_seq_search_doubles_then_bisects_and_resets_after_an_oom():
+    calls, resets = [], []
+    ms = train_bench.max_seq(_fake_step(20000, calls), vocab=8, start=4096, device="cpu", budget_s=60,
+                             reset=lambda: resets.append(1), resolution=0.125)
+    assert calls[:4] == [4096, 8192, 16384, 32768]  # doubling until the first failure
+    assert ms["complete"] and ms["max_seq"] <= 20000 < ms["max_seq"] * 1.125 and ms["upper_bound"] > 20000
+    assert ms["max_seq"] % 256 == 0 and len(resets) == len(calls)  # the gradients are dropped after each probe
+    assert [p["fits"] for p in ms["probes"]] == [c <= 20000 for c in calls]
+    # a finer resolution takes more probes and lands closer
+    fine = train_bench.max_seq(_fake_step(20000, []), vocab=8, start=4096, device="cpu", budget_s=60, resolution=0.0)
+    assert 20000 - 256 < fine["max_seq"] <= 20000 and len(fine["probes"]) > len(ms["probes"])
+
+
+def test_max_seq_search_records_an_error_that_is_no_oom_and_an_open_bracket():
+    ms = train_bench.max_seq(_fake_step(10**9, [], other_error_at=16384), vocab=8, start=4096, device="cpu", budget_s=60)
+    assert ms["max_seq"] == 8192 and ms["upper_bound"] is None and not ms["complete"]
+    assert ms["error"] == "RuntimeError: an unrelated failure"
+    assert train_bench._max_seq_cell(ms) == ">= 8192"
+    assert train_bench._max_seq_cell({"max_seq": 8192, "upper_bound": 16384, "complete": False}) == "8192-16384"
+    assert train_bench._max_seq_cell({"max_seq": 9000, "upper_bound": 9100, "complete": True}) == "9000"
+
+
+def test_merge_takes_a_later_runs_max_seq_search():
+    def run(sha, variants):
+        return {"workload": {"name": "a", "description": "d"}, "device": "dev", "versions": {"torch": "2"}, "date": "d",
+                "steps": 10, "warmup": 3, "git_sha": sha, "variants": variants}
+
+    search = {"max_seq": 65536, "upper_bound": 70000, "complete": True, "search_s": 50.0,
+              "probes": [{"seq": 65536, "fits": True, "s": 9.0}, {"seq": 70000, "fits": False, "s": 3.0}]}
+    first = run("aaa", {"eager": {"status": "ok", "tokens_per_s": 100.0, "losses": [1.0]},
+                        "slothc": {"status": "ok", "tokens_per_s": 150.0, "losses": [1.0]}})
+    second = run("bbb", {"slothc": {"status": "ok", "tokens_per_s": 140.0, "losses": [1.0], "max_seq": search}})
+    v = train_bench.merge([first, second])["variants"]
+    assert v["slothc"]["tokens_per_s"] == 150.0 and v["slothc"]["run"] == "1: aaa"  # the first run's throughput
+    assert v["slothc"]["max_seq"]["max_seq"] == 65536 and v["slothc"]["max_seq"]["run"] == "2: bbb"
+    table = train_bench.markdown(train_bench.merge([first, second]))
+    assert "| 65536 |" in table and "- slothc (run 2: bbb): 65536 in 50 s: 65536 ok (9 s), 70000 OOM (3 s)" in table
