@@ -31,6 +31,15 @@ Keys
     loudly). For training loops that only use ``outputs.loss`` (``transformers.Trainer``; trl's
     ``SFTTrainer`` computes its own loss and metrics and is unaffected). Graphs without the loss
     (generation, evaluation without labels) return their logits in both modes.
+``padding`` (str)
+    Whether batches may be padded. ``"unknown"`` (default): an SDPA mask built from the model's
+    ``attention_mask`` input stays (padding cannot be ruled out when compiling; the report says
+    so). ``"none"``: no batch is padded (fixed-length chunks whose collator still passes an
+    ``attention_mask`` of ones): the mask is taken as built from ones, so a causal one gives SDPA's
+    ``is_causal=True`` flash path, and the graph checks the input at run time (an asynchronous
+    device assert, no host sync): a padded batch raises an error naming this option instead of
+    training without its mask. On a GPU that error is a device-side assert, which ends the process's
+    CUDA context.
 ``report`` (bool or :class:`slothc.Report`)
     True: log the fusion report of every compiled graph at compile time (default False). A
     ``Report`` instance: collect the sites and skips of every graph compiled with these options
@@ -48,6 +57,7 @@ FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp
 IMPLEMENTED = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy", "causal_mask")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 LOGITS_MODES = ("keep", "drop")
+PADDING_MODES = ("unknown", "none")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -58,6 +68,7 @@ class Options:
     report: bool = False
     logits: str = "keep"
     mode: str = "default"
+    padding: str = "unknown"
     collect: Any = dataclasses.field(default=None, compare=False)  # a Report that every compiled graph records into (``report=Report()``)
 
     @classmethod
@@ -68,9 +79,9 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
-        valid_keys = (*FUSIONS, "inner", "logits", "mode", "report")
+        valid_keys = (*FUSIONS, "inner", "logits", "mode", "padding", "report")
         enabled = set(IMPLEMENTED)
-        inner, report, collect, logits, mode = "inductor", False, None, "keep", "default"
+        inner, report, collect, logits, mode, padding = "inductor", False, None, "keep", "default", "unknown"
         for key, value in options.items():
             if key in FUSIONS:
                 _expect_bool(key, value)
@@ -92,6 +103,13 @@ class Options:
                         f"slothc option 'logits' must be one of {', '.join(map(repr, LOGITS_MODES))}, got {value!r}"
                     )
                 logits = value
+            elif key == "padding":
+                if value not in PADDING_MODES:
+                    raise ValueError(
+                        f"slothc option 'padding' must be one of {', '.join(map(repr, PADDING_MODES))} "
+                        f"('none': no batch is padded, checked at run time), got {value!r}"
+                    )
+                padding = value
             elif key == "mode":
                 if value is None:
                     value = "default"
@@ -115,7 +133,8 @@ class Options:
                 f"slothc: mode {mode!r} is an Inductor mode and needs inner='inductor' (got inner={inner!r}); "
                 f"leave the mode out or use the Inductor inner compiler"
             )
-        return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, mode=mode, collect=collect)
+        return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, mode=mode, padding=padding,
+                   collect=collect)
 
 
 def _expect_bool(key: str, value: Any) -> None:

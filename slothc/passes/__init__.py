@@ -4,7 +4,7 @@
 lazily (patterns are traced on first use, not at import time). Rule sets are applied in order; a
 later fusion sees the graph that earlier ones produced. ``prepare(graph, report, graph_index)`` (or
 None) runs on each graph before its fusion's rules (one marked ``whole_module`` runs once, on the
-GraphModule): bitsandbytes' 4-bit matmuls are spelled as a
+GraphModule, and gets the options too): bitsandbytes' 4-bit matmuls are spelled as a
 dequantise-then-linear there. ``finish(graph, report, graph_index)`` (or None) runs on each graph
 after its fusion's rules, for rewrites across sites: the rotations of q and k become one call; LoRA
 and QLoRA projections that share an input become one call; an MLP's activation is merged with its down
@@ -49,7 +49,7 @@ def run(gm: torch.fx.GraphModule, opts: Options, report: Report, graph_index: in
     for name, rules, prepare, finish in fusion_passes():
         if name in opts.enabled:
             if prepare is not None and getattr(prepare, "whole_module", False):
-                prepare(gm, report, graph_index)  # it walks the nested graphs itself
+                prepare(gm, report, graph_index, opts)  # it walks the nested graphs itself
             elif prepare is not None:
                 for graph in graphs(gm):  # lazily: the bodies a prepare step removed are not visited
                     prepare(graph, report, graph_index)

@@ -24,6 +24,14 @@ Skipped with the reason: the mask reads a graph input (the ``attention_mask`` a 
 passes: whether it pads cannot be known when compiling); its sizes are dynamic; it is another
 pattern than the plain causal one (a sliding window, packed sequences, bidirectional parts, soft
 values); too large to evaluate; a node that could not be evaluated.
+
+``padding="none"`` (a backend option): the user says no batch is padded, as with fixed-length
+chunks of text (``run_clm``'s ``group_texts``) whose collator still passes an ``attention_mask`` of
+ones. A 2-D graph input named ``attention_mask`` is then taken as all ones when the mask is
+evaluated (any other input still makes it unprovable), and the graph checks the promise at run
+time: ``torch._assert_async`` that the input has no zero, once a graph, with no host sync (CUDA
+graphs keep it). A padded batch stops with an error that names the option; it never trains on a
+mask that was dropped.
 """
 
 from __future__ import annotations
@@ -38,11 +46,15 @@ from slothc.passes.matcher import RuleSet
 from slothc.passes.meta import graphs, val
 from slothc.report import Site, Skip, module_path
 
-READS_INPUT = "the mask reads a graph input (an attention_mask: padding cannot be ruled out at compile time)"
+READS_INPUT = ("the mask reads a graph input (an attention_mask: padding cannot be ruled out at compile time; "
+               "with batches that are never padded, options={'padding': 'none'})")
 DYNAMIC = "the mask has dynamic sizes (it is not evaluated at compile time)"
 NOT_CAUSAL = "the mask is not the plain causal mask (sliding window, packed sequences or another pattern)"
 TOO_LARGE = "the mask is too large to evaluate at compile time"
 NOT_EVALUATED = "a node of the mask could not be evaluated at compile time"
+PADDED = ("slothc: a batch is padded (its attention_mask has a zero), but the model was compiled with "
+          "options={'padding': 'none'}, which made its attention causal without the mask; compile without "
+          "that option (the default) to train on padded batches")
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -103,9 +115,10 @@ def _to_cpu(a):
     return a
 
 
-def _evaluate(node: Node, outer: dict):
-    """``node``'s value, its inputs (constants only) computed on the CPU, depth first."""
-    env: dict = {}
+def _evaluate(node: Node, outer: dict, given: dict | None = None):
+    """``node``'s value, its inputs (constants, and the inputs in ``given``: node -> value) computed
+    on the CPU, depth first."""
+    env: dict = dict(given or {})
 
     def value(n):
         if n in env:
@@ -126,40 +139,61 @@ def _evaluate(node: Node, outer: dict):
     return value(node)
 
 
-def _reason(node: Node, mask: Node, outer: dict) -> str | None:
+def _unpadded_input(n: Node) -> bool:
+    """A graph input that ``padding="none"`` takes as all ones: named ``attention_mask``, 2-D, static."""
+    v = val(n)
+    return (n.op == "placeholder" and "attention_mask" in n.name and isinstance(v, torch.Tensor) and v.dim() == 2
+            and _static(v))
+
+
+def _reason(node: Node, mask: Node, outer: dict, unpadded: bool = False) -> tuple[str | None, list]:
+    """(why the mask is not provably causal or None, the inputs taken as all ones for the proof)."""
     args = _bound(node)
     q, k = val(args["query"]), val(args["key"])
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
-        return NOT_EVALUATED
+        return NOT_EVALUATED, []
     nodes = _ancestors(mask, outer)
     # Sizes first: with dynamic shapes the mask reads a size input (or a tensor's size), not values.
     if not all(_static(val(n)) for n in nodes) or not (_static(q) and _static(k)):
-        return DYNAMIC
-    if any(n.op in ("placeholder", "get_attr") for n in nodes):
-        return READS_INPUT
+        return DYNAMIC, []
+    ones = [n for n in nodes if unpadded and _unpadded_input(n)]
+    if any(n.op in ("placeholder", "get_attr") and n not in ones for n in nodes):
+        return READS_INPUT, []
     if any(isinstance(val(n), torch.Tensor) and val(n).numel() > _MAX_ELEMENTS for n in nodes):
-        return TOO_LARGE
+        return TOO_LARGE, []
     q_len, kv_len = q.shape[-2], k.shape[-2]
     try:
         with torch.no_grad():
-            m = _evaluate(mask, outer)
+            m = _evaluate(mask, outer, {n: torch.ones(val(n).shape, dtype=val(n).dtype) for n in ones})
     except Exception:  # noqa: BLE001  (an op the CPU evaluation does not take: reported, left alone)
-        return NOT_EVALUATED
+        return NOT_EVALUATED, []
     if not isinstance(m, torch.Tensor) or m.dim() < 2 or tuple(m.shape[-2:]) != (q_len, kv_len):
-        return NOT_CAUSAL
+        return NOT_CAUSAL, []
     causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
     if m.dtype == torch.bool:
         allowed = m
     elif m.is_floating_point():
         lowest = torch.finfo(m.dtype).min
         if not bool(((m == 0) | (m == -math.inf) | (m == lowest)).all()):
-            return NOT_CAUSAL  # soft values: a bias, not a mask
+            return NOT_CAUSAL, []  # soft values: a bias, not a mask
         allowed = m == 0
     else:
-        return NOT_CAUSAL
+        return NOT_CAUSAL, []
     if not bool((allowed == causal).all()):
-        return NOT_CAUSAL
-    return None
+        return NOT_CAUSAL, []
+    return None, ones
+
+
+def _check_unpadded(placeholder: Node) -> None:
+    """``torch._assert_async(attention_mask has no zero)`` after the graph's inputs."""
+    graph = placeholder.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        nonzero = graph.call_function(torch.ne, (placeholder, 0))
+    with graph.inserting_after(nonzero):
+        every = graph.call_function(torch.all, (nonzero,))
+    with graph.inserting_after(every):
+        graph.call_function(torch._assert_async, (every, PADDED))
 
 
 def _erase_unused(node: Node) -> None:
@@ -174,11 +208,13 @@ def _erase_unused(node: Node) -> None:
         work.extend(inputs)
 
 
-def prepare(gm, report, graph_index: int = 0) -> None:
+def prepare(gm, report, graph_index: int = 0, options=None) -> None:
     """Give every SDPA call whose mask is the plain causal mask ``is_causal=True`` (module docstring).
     Runs once on the whole module: a checkpointed layer's body reads the mask its caller passes."""
     outer = _outer_inputs(gm)
+    unpadded = getattr(options, "padding", "unknown") == "none"
     reasons: dict = {}  # one evaluation a mask (every layer reads the same one)
+    checked: set = set()  # the inputs whose run-time check is in the graph
     for graph in graphs(gm):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not _SDPA:
@@ -191,8 +227,8 @@ def prepare(gm, report, graph_index: int = 0) -> None:
             q, k = val(args["query"]), val(args["key"])
             key = (outer.get(mask, mask), str(getattr(q, "shape", None)), str(getattr(k, "shape", None)))
             if key not in reasons:
-                reasons[key] = _reason(node, mask, outer)
-            reason = reasons[key]
+                reasons[key] = _reason(node, mask, outer, unpadded)
+            reason, ones = reasons[key]
             if reason is not None:
                 report.add_skip(Skip("causal_mask", module, reason, node=node.name, graph=graph_index))
                 continue
@@ -201,7 +237,13 @@ def prepare(gm, report, graph_index: int = 0) -> None:
             node.args = (args["query"], args["key"], args["value"])
             node.kwargs = kwargs
             _erase_unused(mask)  # what only the mask read (a body's mask stays an operand of its call)
-            report.add_site(Site("causal_mask", module, node.name, graph_index, variant="sdpa is_causal: the mask was the causal one"))
+            for placeholder in ones:
+                if placeholder not in checked:
+                    checked.add(placeholder)
+                    _check_unpadded(placeholder)
+            variant = "sdpa is_causal: the mask was the causal one" + (
+                " given no padding (padding='none', checked at run time)" if ones else "")
+            report.add_site(Site("causal_mask", module, node.name, graph_index, variant=variant))
 
 
 prepare.whole_module = True  # passes.run hands it the GraphModule, not each graph

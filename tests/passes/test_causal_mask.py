@@ -180,3 +180,65 @@ def test_dynamic_sizes_are_reported():
     report, _, out = _capture(fn, q, k, v, dynamic=True)
     torch.testing.assert_close(out, fn(q, k, v))
     assert [s.reason for s in report.skipped] == [causal_mask.DYNAMIC], str(report)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_no_padding_option_proves_the_mask_of_an_all_ones_attention_mask(like_517, inner):
+    """``padding="none"``: the attention_mask input is taken as ones, the mask is the causal one, and
+    the graph checks the input at run time; loss and gradients are eager's."""
+    model = _model()
+    batch = tiny.sample_batch(model.config, seq=12)  # attention_mask of ones, as a collator passes it
+    eager = model(**batch)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    report, graphs, out = _capture(model, **batch, options={"padding": "none", "inner": inner})
+    assert report.count("causal_mask") == 2 and not [s for s in report.skipped if s.fusion == "causal_mask"], str(report)
+    assert all("padding='none'" in s.variant for s in report.fused["causal_mask"])
+    calls = _sdpa_calls(graphs[0])
+    assert len(calls) == 2 and all(n.kwargs["is_causal"] is True and n.kwargs["attn_mask"] is None for n in calls)
+    assert len([n for n in graphs[0].graph.nodes if n.target is torch._assert_async]) == 1  # one check a graph
+    torch.testing.assert_close(out.loss, eager.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], msg=name)
+
+
+def test_no_padding_option_stops_a_padded_batch(like_517):
+    """The promise is checked: a padded batch after a batch of ones raises, naming the option
+    (the mask was dropped: training on would attend to the padding)."""
+    model = _model()
+    batch = tiny.sample_batch(model.config, seq=12)
+    padded = dict(batch, attention_mask=batch["attention_mask"].clone())
+    padded["attention_mask"][0, -3:] = 0
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="slothc", options={"padding": "none", "inner": "aot_eager"})
+        compiled(**batch).loss.backward()  # a batch of ones trains
+        with pytest.raises(RuntimeError, match="options=\\{'padding': 'none'\\}"):
+            compiled(**padded)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_no_padding_option_leaves_other_inputs_unproved(like_517):
+    """Only an input named attention_mask is taken as ones: a mask that reads another input (here the
+    token ids, as a mask of the pad token would) stays, with the reason."""
+    def fn(q, k, v, ids):
+        mask = (ids != 0)[:, None, None, :] & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        return SDPA(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    ids = torch.ones(2, 6, dtype=torch.long)
+    report, graphs, out = _capture(fn, q, k, v, ids, options={"padding": "none"})
+    assert report.count("causal_mask") == 0
+    assert [s.reason for s in report.skipped if s.fusion == "causal_mask"] == [causal_mask.READS_INPUT]
+    torch.testing.assert_close(out, fn(q, k, v, ids))
+
+
+def test_padding_option_is_validated():
+    from slothc.options import Options
+
+    assert Options.from_dict({"padding": "none"}).padding == "none" and Options.from_dict({}).padding == "unknown"
+    with pytest.raises(ValueError, match="'padding' must be one of 'unknown', 'none'"):
+        Options.from_dict({"padding": False})
