@@ -40,6 +40,12 @@ Keys
     device assert, no host sync): a padded batch raises an error naming this option instead of
     training without its mask. On a GPU that error is a device-side assert, which ends the process's
     CUDA context.
+``recompute_norms`` (bool)
+    True (default): each fused norm's output is recomputed in the backward instead of kept from the
+    forward (AOTAutograd's partitioner is told to: ``passes.recompute_norm_outputs``). The norm's
+    input is kept for its own backward anyway, so this keeps one activation less for each norm whose
+    output a LoRA projection's backward reads (two a decoder layer), for one more norm forward each in
+    the backward; the values are the same bits. False: the partitioner decides.
 ``report`` (bool or :class:`slothc.Report`)
     True: log the fusion report of every compiled graph at compile time (default False). A
     ``Report`` instance: collect the sites and skips of every graph compiled with these options
@@ -69,6 +75,7 @@ class Options:
     logits: str = "keep"
     mode: str = "default"
     padding: str = "unknown"
+    recompute_norms: bool = True
     collect: Any = dataclasses.field(default=None, compare=False)  # a Report that every compiled graph records into (``report=Report()``)
 
     @classmethod
@@ -79,9 +86,10 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"slothc options must be a dict, got {type(options).__name__}")
-        valid_keys = (*FUSIONS, "inner", "logits", "mode", "padding", "report")
+        valid_keys = (*FUSIONS, "inner", "logits", "mode", "padding", "recompute_norms", "report")
         enabled = set(IMPLEMENTED)
         inner, report, collect, logits, mode, padding = "inductor", False, None, "keep", "default", "unknown"
+        recompute_norms = True
         for key, value in options.items():
             if key in FUSIONS:
                 _expect_bool(key, value)
@@ -103,6 +111,9 @@ class Options:
                         f"slothc option 'logits' must be one of {', '.join(map(repr, LOGITS_MODES))}, got {value!r}"
                     )
                 logits = value
+            elif key == "recompute_norms":
+                _expect_bool(key, value)
+                recompute_norms = value
             elif key == "padding":
                 if value not in PADDING_MODES:
                     raise ValueError(
@@ -134,7 +145,7 @@ class Options:
                 f"leave the mode out or use the Inductor inner compiler"
             )
         return cls(enabled=frozenset(enabled), inner=inner, report=report, logits=logits, mode=mode, padding=padding,
-                   collect=collect)
+                   recompute_norms=recompute_norms, collect=collect)
 
 
 def _expect_bool(key: str, value: Any) -> None:

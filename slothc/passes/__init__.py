@@ -57,4 +57,32 @@ def run(gm: torch.fx.GraphModule, opts: Options, report: Report, graph_index: in
             if finish is not None:
                 for graph in graphs(gm):
                     finish(graph, report, graph_index)
+    if opts.recompute_norms:
+        recompute_norm_outputs(gm, report, graph_index)
     gm.recompile()
+
+
+def recompute_norm_outputs(gm: torch.fx.GraphModule, report: Report, graph_index: int = 0) -> int:
+    """Tag each fused norm of the top-level graph ``MUST_RECOMPUTE`` for AOTAutograd's partitioner.
+
+    A norm's backward reads its input ``x`` (slothc's norms save ``x`` and the weights, not the
+    statistics), so ``x`` is kept for the backward anyway; its output ``y`` is kept too when the
+    next op's backward reads it (a LoRA projection's ``dA = G^T y``). Recomputed from ``x`` in the
+    backward instead, ``y`` is not kept: one activation of the hidden size less for each norm
+    before a LoRA projection (two a decoder layer), for one more norm forward each in the backward.
+    The recomputation runs the same kernel on the same input: the values are the same bits. A
+    checkpointed layer's body is left alone (everything in it is recomputed already). Returns the
+    number tagged."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops = {torch.ops.slothc.rms_norm, torch.ops.slothc.rms_norm.default, torch.ops.slothc.layer_norm,
+           torch.ops.slothc.layer_norm.default}
+    tagged = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops and "recompute" not in node.meta:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            tagged += 1
+    if tagged:
+        report.notes.append(f"graph {graph_index}: {tagged} norm outputs are recomputed in the backward, not kept "
+                            f"(recompute_norms; their inputs are kept for the norms' backward anyway)")
+    return tagged
