@@ -22,6 +22,10 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    against the float64 run may not exceed ``K`` times eager's own error plus a floor of fp32
    rounding (``correct``); where the model has an op without float64 support (grouped MoE
    matmuls), against eager within 1e-4 of its largest value (``reference`` says which);
+   where slothc is not eager's, the step is run once more under ``torch.compile(backend="eager")``
+   (Dynamo's trace alone, no slothc): if that differs from eager as much and slothc equals it, the
+   row says so (``compile_differs``: the model's code differs under compile, not slothc's rewrite;
+   still not counted correct);
 4. the fusion report's sites per kind against the candidate sites: the modules that the eager
    step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``; its result shaped like its input,
    and not a wrapper of another norm), PEFT's LoRA linears, the tensors
@@ -184,6 +188,41 @@ def _error(fused, eager, ref) -> tuple[float, float, float]:
     return (f - r).abs().max().item(), (e - r).abs().max().item(), floor
 
 
+def _compile_alone_step(model, batch):
+    """The step under ``torch.compile(backend="eager")``: Dynamo's trace run as is, no slothc."""
+    import torch
+
+    torch._dynamo.reset()
+    try:
+        return _step(torch.compile(model, backend="eager"), batch)
+    finally:
+        torch._dynamo.reset()
+
+
+def compile_alone_differs(model, batch, loss, grads, ran, bounds) -> str | None:
+    """Where slothc's step is not eager's: whether ``torch.compile`` without slothc (Dynamo's trace of
+    the model, ``backend="eager"``) differs from eager too, and slothc equals it within the same
+    bounds. Then the difference is in what Dynamo traced (the model's code under compile), not in
+    slothc's rewrite: a string saying so (by how much), else None."""
+    try:
+        c_loss, c_grads = _compile_alone_step(model, batch)
+    except Exception:  # noqa: BLE001  (the compile fails alone: nothing to compare with)
+        return None
+    eager = {"loss": ran["loss"], **ran["grads"]}
+    ours = {"loss": loss, **grads}
+    alone = {"loss": c_loss, **c_grads}
+    if not all(n in ours and n in alone for n in bounds):
+        return None
+    diff = {n: (alone[n].double() - eager[n].double()).abs().max().item() for n in bounds}
+    if not any(diff[n] > bounds[n] for n in bounds):
+        return None  # Dynamo alone is eager's: the difference is slothc's
+    if any((ours[n].double() - alone[n].double()).abs().max().item() > bounds[n] for n in bounds):
+        return None
+    return (f"torch.compile without slothc (backend='eager') differs from eager as much (loss {float(c_loss):.6g} "
+            f"against eager's {float(ran['loss']):.6g}) and slothc equals it: the difference is in Dynamo's trace "
+            f"of the model, not in slothc")
+
+
 def no_dropout(model) -> None:
     """Dropout off everywhere (modules, float ``*drop*`` attributes, config fields read in forward):
     eager, float64 and slothc would each draw their own masks, and no comparison would hold."""
@@ -290,6 +329,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
         batch = dict(tiny.sample_batch(model.config, batch=2, seq=16, device=device), use_cache=False)  # training: no KV cache
         ref_model = copy.deepcopy(model).double()
         fused_model = copy.deepcopy(model)
+        plain_model = copy.deepcopy(model)  # torch.compile without slothc, run only when slothc is not eager's
     except Exception as e:  # noqa: BLE001
         return _excluded({**row, "status": "build failed", "error": f"{type(e).__name__}: {e}"[:400], "seconds": time.time() - t0})
     try:
@@ -317,7 +357,7 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
                 "traceback": traceback.format_exc()[-1500:], "seconds": time.time() - t0}
     finally:
         torch._dynamo.reset()
-    worst, correct = [], True
+    worst, correct, bounds = [], True, {}
     names = ["loss", *sorted(ran["grads"])]
     missing = [n for n in ran["grads"] if n not in grads]
     for name in names:
@@ -332,9 +372,14 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
         err_f, err_e, floor = _error(f, e, r)
         if ref_grads is None:
             err_e, floor = 0.0, 1e-4 * e.double().abs().max().item() + 1e-6
+        bounds[name] = K * err_e + floor
         if err_f > K * err_e + floor:
             correct = False
             worst.append(f"{name}: slothc error {err_f:.3g} > {K:g} x eager {err_e:.3g} + {floor:.3g}")
+    if not correct or missing:
+        same = compile_alone_differs(plain_model, batch, loss, grads, ran, bounds)
+        if same:
+            row["compile_differs"] = same
     fused = _fused(report)
     full = all(fused[k] >= candidates[k] for k in ("norm", "lora", "loss")) and (candidates["rope"] == 0 or fused["rope"] >= candidates["rope"])
     return {**row, "status": "ok", "correct": correct and not missing, "fully_fused": full, "fused": fused, "candidates": candidates,
@@ -370,6 +415,7 @@ def summary(rows: list) -> str:
     full = sum(1 for r in rows if r.get("correct") and r.get("fully_fused"))
     failed = sum(1 for r in rows if r["status"] in ("failed", "timeout") or (r["status"] == "ok" and not r.get("correct")))
     not_run = sum(1 for r in rows if r["status"] in ("build failed", "eager failed"))
+    dynamo = sorted(r["arch"] for r in rows if r["status"] == "ok" and not r.get("correct") and r.get("compile_differs"))
     excluded: dict = {}
     for r in rows:
         if r["status"] == NOT_TEXT:
@@ -378,8 +424,10 @@ def summary(rows: list) -> str:
     text = len(rows) - n_excluded
     share = f"{100 * correct / text:.1f}%" if text else "-"
     why = "; ".join(f"{need}: {', '.join(sorted(archs))}" for need, archs in sorted(excluded.items()))
+    alone = (f"; {len(dynamo)} where torch.compile alone differs from eager as much and slothc equals it: "
+             f"{', '.join(dynamo)}") if dynamo else ""
     return (f"{len(rows)} architectures: {correct} correct, {full} fully fused, {failed} failed "
-            f"({not_run} do not build or train without slothc either); {n_excluded} not text decoders"
+            f"({not_run} do not build or train without slothc either{alone}); {n_excluded} not text decoders"
             f"{f' ({why})' if why else ''}; text decoders: {correct} of {text} correct ({share})")
 
 
@@ -415,7 +463,9 @@ def markdown(rows: list, versions: dict, partial: str | None = None) -> str:
         f, c = r["fused"], r["candidates"]
         cells = " | ".join(f"{f[k]}/{c[k]}" for k in KINDS)
         skipped = "; ".join(r["skipped"])[:200].replace("|", "/")
-        lines.append(f"| {r['arch']} | ok | {'yes' if r['correct'] else 'NO: ' + '; '.join(r['mismatches'])[:120]} | "
+        equal = "yes" if r["correct"] else (
+            "NO, as torch.compile alone: " + r["compile_differs"][:160] if r.get("compile_differs") else "NO: " + "; ".join(r["mismatches"])[:120])
+        lines.append(f"| {r['arch']} | ok | {equal} | "
                      f"{'yes' if r['fully_fused'] else 'no'} | {cells} | {skipped} |")
     return "\n".join(lines) + "\n"
 

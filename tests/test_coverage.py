@@ -45,9 +45,30 @@ def test_a_wrong_result_is_not_correct(monkeypatch):
         return (loss * 1.01, grads) if hasattr(model, "_orig_mod") else (loss, grads)
 
     monkeypatch.setattr(coverage, "_step", skewed)
+    monkeypatch.setattr(coverage, "_compile_alone_step", lambda model, batch: real_step(model, batch))  # Dynamo alone is eager's
     row = coverage.check_arch("llama")
     torch._dynamo.reset()
     assert row["status"] == "ok" and not row["correct"] and row["mismatches"][0].startswith("loss:"), row
+    assert "compile_differs" not in row and "torch.compile alone" not in coverage.summary([row])
+
+
+def test_a_difference_that_torch_compile_alone_makes_is_told_apart(monkeypatch):
+    """Where torch.compile without slothc differs from eager as much (transformers 5.17's Doge), the
+    row is still not correct, and it says that slothc equals the plain compile."""
+    import torch
+
+    real_step = coverage._step
+
+    def skewed(model, batch, fp64=False):  # every compiled step, slothc's and the plain one
+        loss, grads = real_step(model, batch, fp64)
+        return (loss * 1.01, grads) if hasattr(model, "_orig_mod") else (loss, grads)
+
+    monkeypatch.setattr(coverage, "_step", skewed)
+    row = coverage.check_arch("llama")
+    torch._dynamo.reset()
+    assert row["status"] == "ok" and not row["correct"] and "slothc equals it" in row["compile_differs"], row
+    assert "1 where torch.compile alone differs from eager as much and slothc equals it: llama" in coverage.summary([row])
+    assert "| llama | ok | NO, as torch.compile alone: " in coverage.markdown([row], {})
 
 
 def test_not_a_text_decoder_by_what_the_classes_declare():
