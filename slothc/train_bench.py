@@ -240,7 +240,10 @@ def _compare_losses(results: dict) -> None:
 # The child: one variant
 
 
-def _load(workload: Workload, variant: str, folder: str, device: str):
+def _load(workload: Workload, variant: str, folder: str, device: str, long_context: bool = False):
+    """The variant's model. ``long_context`` (the longest-sequence search): Unsloth is told the
+    config's ``max_position_embeddings`` as its ``max_seq_length`` (with the workload's 2048 its
+    step hit a device-side assert at 8192 tokens on the H200)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -256,8 +259,9 @@ def _load(workload: Workload, variant: str, folder: str, device: str):
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         from unsloth import FastLanguageModel
 
+        max_len = workload.config.get("max_position_embeddings", workload.seq) if long_context else workload.seq
         model, _ = FastLanguageModel.from_pretrained(folder, load_in_4bit=workload.qlora, load_in_16bit=not workload.qlora,
-                                                     use_gradient_checkpointing=False, max_seq_length=workload.seq)
+                                                     use_gradient_checkpointing=False, max_seq_length=max_len)
         model = FastLanguageModel.get_peft_model(
             model, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, use_gradient_checkpointing=False,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -331,7 +335,7 @@ def child_main(args) -> dict:
     out: dict = {"status": "ok"}
     try:
         torch.manual_seed(0)
-        model = _load(workload, variant, args.folder, args.device)
+        model = _load(workload, variant, args.folder, args.device, long_context=args.max_seq)
         model.train()
         n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run, report = _compile(model, variant)

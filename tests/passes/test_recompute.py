@@ -11,9 +11,9 @@ import slothc
 from slothc import tiny
 
 
-def _step(options, layers=3, checkpointing=False, autocast=False):
+def _step(options, layers=2, checkpointing=False, autocast=False):
     torch.manual_seed(0)
-    model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=128), init_lora_weights=False).train()
+    model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=64), init_lora_weights=False).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = tiny.sample_batch(model.config, batch=2, seq=32)
@@ -39,15 +39,15 @@ def _step(options, layers=3, checkpointing=False, autocast=False):
     return sum(saved.values()), loss.detach(), grads, report, model.config
 
 
-@pytest.mark.parametrize("inner, autocast", [("inductor", False), ("aot_eager", False), ("inductor", True)])
+@pytest.mark.parametrize("inner, autocast", [("aot_eager", False), ("inductor", True)])
 def test_norm_outputs_are_recomputed_not_kept(inner, autocast):
     off_bytes, off_loss, off_grads, _, _ = _step({"inner": inner, "recompute_norms": False}, autocast=autocast)
     on_bytes, on_loss, on_grads, report, config = _step({"inner": inner}, autocast=autocast)
-    assert report.count("rms_norm") == 7 and any("7 norm outputs are recomputed" in n for n in report.notes), str(report)
+    assert report.count("rms_norm") == 5 and any("5 norm outputs are recomputed" in n for n in report.notes), str(report)
     # two norm outputs a layer (before q/k/v and gate/up) less one: the first layer's norm input is
     # then kept instead of recomputed from the embedding lookup (and some bytes of small tensors)
     y_bytes = 2 * 32 * config.hidden_size * (2 if autocast else 4)
-    assert off_bytes - on_bytes > (2 * 3 - 1.5) * y_bytes, (off_bytes, on_bytes)
+    assert off_bytes - on_bytes > (2 * 2 - 1.5) * y_bytes, (off_bytes, on_bytes)
     assert torch.equal(on_loss, off_loss)
     assert on_grads.keys() == off_grads.keys() and all(torch.equal(on_grads[n], off_grads[n]) for n in on_grads)
 
@@ -57,7 +57,7 @@ def test_with_gradient_checkpointing_the_layers_are_left_alone():
     norm (the final one) is tagged, and the step is the same."""
     off = _step({"inner": "aot_eager", "recompute_norms": False}, checkpointing=True)
     on = _step({"inner": "aot_eager"}, checkpointing=True)
-    assert on[3].count("rms_norm") == 7 and any("1 norm outputs are recomputed" in n for n in on[3].notes), str(on[3])
+    assert on[3].count("rms_norm") == 5 and any("1 norm outputs are recomputed" in n for n in on[3].notes), str(on[3])
     assert on[0] <= off[0] and torch.equal(on[1], off[1]) and all(torch.equal(on[2][n], off[2][n]) for n in on[2])
 
 
