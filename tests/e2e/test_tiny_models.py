@@ -151,6 +151,11 @@ def test_triton_kernels_in_a_training_step(monkeypatch):
     config, expected = ARCHS["llama"]
     report = _check_training_step(config, True, {"inner": "aot_eager"})
     _assert_every_norm_fused(report, expected)
+    # recompute_norms: the two norms a layer whose outputs the LoRA projections' backward reads run
+    # once more in the backward; the final norm's output only the fused loss reads, in the forward
+    assert launches["rms_norm_fwd"] == expected["rms_norm"] + 2 * LAYERS and launches["rms_norm_bwd"] > 0
+    launches.clear()
+    report = _check_training_step(config, True, {"inner": "aot_eager", "recompute_norms": False})
     assert launches["rms_norm_fwd"] == expected["rms_norm"] and launches["rms_norm_bwd"] > 0
 
 
