@@ -484,6 +484,8 @@ def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=No
 def _max_seq_cell(ms) -> str:
     if not ms:
         return "-"
+    if ms.get("error") and not ms.get("max_seq"):
+        return "failed (below)"
     if ms.get("complete"):
         return str(ms["max_seq"])
     return f"{ms['max_seq']}-{ms['upper_bound']}" if ms.get("upper_bound") else f">= {ms['max_seq']}"
@@ -531,7 +533,7 @@ def markdown(result: dict) -> str:
         for name, ms in searched.items():
             probes = ", ".join(f"{p['seq']} {'ok' if p['fits'] else 'OOM'} ({p['s']:.0f} s)" for p in ms.get("probes", []))
             run = f" (run {ms['run']})" if ms.get("run") else ""
-            error = f"; stopped by {ms['error']}" if ms.get("error") else ""
+            error = f"; stopped by {' '.join(ms['error'].split())[:240]}" if ms.get("error") else ""
             lines.append(f"- {name}{run}: {_max_seq_cell(ms)} in {ms.get('search_s', 0):.0f} s: {probes}{error}")
     for name, r in ok.items():
         if r.get("fused") is not None:

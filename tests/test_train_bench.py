@@ -109,6 +109,7 @@ def test_max_seq_search_records_an_error_that_is_no_oom_and_an_open_bracket():
     assert train_bench._max_seq_cell(ms) == ">= 8192"
     assert train_bench._max_seq_cell({"max_seq": 8192, "upper_bound": 16384, "complete": False}) == "8192-16384"
     assert train_bench._max_seq_cell({"max_seq": 9000, "upper_bound": 9100, "complete": True}) == "9000"
+    assert train_bench._max_seq_cell({"max_seq": 0, "upper_bound": None, "complete": False, "error": "E"}) == "failed (below)"
 
 
 def test_merge_takes_a_later_runs_max_seq_search():
