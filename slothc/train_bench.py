@@ -470,10 +470,11 @@ def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=No
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     except Exception as e:  # noqa: BLE001  (recorded: the variant's other figures stand)
         error = f"{type(e).__name__}: {e}"[:300]
+        trace = traceback.format_exc()[-4000:]
     out = {"max_seq": lo, "upper_bound": hi, "search_s": time.time() - t0, "complete": hi is not None and done(lo, hi),
            "probes": probes}
     if error:
-        out["error"] = error
+        out["error"], out["traceback"] = error, trace
     return out
 
 

@@ -105,7 +105,7 @@ def test_max_seq_search_doubles_then_bisects_and_resets_after_an_oom():
 def test_max_seq_search_records_an_error_that_is_no_oom_and_an_open_bracket():
     ms = train_bench.max_seq(_fake_step(10**9, [], other_error_at=16384), vocab=8, start=4096, device="cpu", budget_s=60)
     assert ms["max_seq"] == 8192 and ms["upper_bound"] is None and not ms["complete"]
-    assert ms["error"] == "RuntimeError: an unrelated failure"
+    assert ms["error"] == "RuntimeError: an unrelated failure" and "an unrelated failure" in ms["traceback"]
     assert train_bench._max_seq_cell(ms) == ">= 8192"
     assert train_bench._max_seq_cell({"max_seq": 8192, "upper_bound": 16384, "complete": False}) == "8192-16384"
     assert train_bench._max_seq_cell({"max_seq": 9000, "upper_bound": 9100, "complete": True}) == "9000"
