@@ -54,11 +54,19 @@ def test_norm_outputs_are_recomputed_not_kept(inner, autocast):
 
 def test_with_gradient_checkpointing_the_layers_are_left_alone():
     """HF gradient checkpointing recomputes each layer's body already: only the top-level graph's
-    norm (the final one) is tagged, and the step is the same."""
-    off = _step({"inner": "aot_eager", "recompute_norms": False}, checkpointing=True)
-    on = _step({"inner": "aot_eager"}, checkpointing=True)
-    assert on[3].count("rms_norm") == 5 and any("1 norm outputs are recomputed" in n for n in on[3].notes), str(on[3])
-    assert on[0] <= off[0] and torch.equal(on[1], off[1]) and all(torch.equal(on[2][n], off[2][n]) for n in on[2])
+    norm (the final one) is tagged, and the step is still eager's."""
+    on_bytes, on_loss, on_grads, report, _ = _step({"inner": "aot_eager"}, checkpointing=True)
+    assert report.count("rms_norm") == 5 and any("1 norm outputs are recomputed" in n for n in report.notes), str(report)
+    torch.manual_seed(0)
+    model = tiny.add_lora(tiny.tiny_model("llama", layers=2, hidden=64), init_lora_weights=False).train()
+    batch = tiny.sample_batch(model.config, batch=2, seq=32)
+    del batch["attention_mask"]
+    loss = model(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(on_loss, loss.detach())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(on_grads[name], p.grad, msg=name)
 
 
 def test_recompute_norms_is_validated():
