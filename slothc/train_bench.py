@@ -5,7 +5,9 @@
     slothc bench --workload tiny --device cpu               # a CPU smoke run (what CI runs)
 
 One step = forward, backward and an AdamW step on the adapters, under bf16 autocast with fp32
-adapters (PEFT's default, how HF's Trainer runs ``bf16=True``). The model is built from a config
+adapters (PEFT's default, how HF's Trainer runs ``bf16=True``). ``--optimizer``: ``foreach``
+(default; ``torch.optim.AdamW``'s default, what the committed tables used) or ``fused`` (one
+kernel; HF's Trainer's default ``adamw_torch_fused`` with torch >= 2.8), the same for every variant. The model is built from a config
 with random weights (no download), saved once to a folder, and every variant loads that folder in
 **its own process** (so that the memory figures do not mix), with the same seed and the same
 batches (random tokens from a fixed generator).
@@ -196,13 +198,14 @@ def _result(workload: Workload, results: dict, args) -> dict:
     _compare_losses(results)
     return {"device": _device_name(args.device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
             "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
-            "git_sha": os.environ.get("SLOTHC_GIT_SHA")}
+            "optimizer": args.optimizer, "git_sha": os.environ.get("SLOTHC_GIT_SHA")}
 
 
 def _child(workload, variant, folder, args) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         cmd = [sys.executable, "-m", "slothc.train_bench", "--child", variant, "--folder", folder, "--workload", workload.name,
-               "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", out.name]
+               "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", out.name,
+               "--optimizer", args.optimizer]
         if args.max_seq:
             cmd += ["--max-seq", "--max-seq-budget-s", str(args.max_seq_budget_s), "--max-seq-resolution", str(args.max_seq_resolution)]
         if args.profile and variant == "slothc":
@@ -305,11 +308,11 @@ def _batches(vocab: int, batch: int, seq: int, n: int, device: str):
     return [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(n)]
 
 
-def _stepper(run, model, device, cudagraphs: bool):
+def _stepper(run, model, device, cudagraphs: bool, optimizer: str = "foreach"):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if optimizer == "fused" else {}))
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
     def step(ids):
@@ -339,7 +342,7 @@ def child_main(args) -> dict:
         model.train()
         n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run, report = _compile(model, variant)
-        step = _stepper(run, model, args.device, variant == "slothc_cudagraphs")
+        step = _stepper(run, model, args.device, variant == "slothc_cudagraphs", args.optimizer)
         vocab = model.config.vocab_size
         batches = _batches(vocab, workload.batch, workload.seq, args.warmup + args.steps, args.device)
         torch.cuda.reset_peak_memory_stats() if cuda else None
@@ -500,7 +503,8 @@ def markdown(result: dict) -> str:
     best_peer = max(peers, key=lambda k: ok[k]["tokens_per_s"]) if peers else None
     lines = [f"### Workload {w['name']}: {w['description']}", "",
              f"{result['device']}; " + ", ".join(f"{k} {x}" for k, x in result["versions"].items() if x) + f"; {result['date']}",
-             f"median of {result['steps']} steps after {result['warmup']} warm-up; peak = max_memory_allocated over all steps", ""]
+             f"median of {result['steps']} steps after {result['warmup']} warm-up; AdamW {result.get('optimizer', 'foreach')}; "
+             f"peak = max_memory_allocated over all steps", ""]
     if len(result.get("runs", [])) > 1:
         by_run = {}
         for name, r in v.items():
@@ -567,6 +571,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default cuda when there is one")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
+    p.add_argument("--optimizer", default="foreach", choices=("foreach", "fused"),
+                   help="AdamW's implementation, the same for every variant (default foreach; fused: HF Trainer's default)")
     p.add_argument("--max-seq", action="store_true", help="also search the longest sequence at batch 1")
     p.add_argument("--max-seq-budget-s", type=float, default=240.0, help="time of the search, a variant (default 240 s)")
     p.add_argument("--max-seq-resolution", type=float, default=0.125,
@@ -597,6 +603,9 @@ def merge(results: list) -> dict:
     devices = {r["device"] for r in results}
     if len(devices) != 1:
         raise ValueError(f"merge: results of one device expected, got {sorted(devices)}")
+    optimizers = {r.get("optimizer", "foreach") for r in results}  # files before --optimizer: foreach
+    if len(optimizers) != 1:
+        raise ValueError(f"merge: results of one optimizer expected (every variant's step must be the same), got {sorted(optimizers)}")
     merged = dict(results[0], variants={}, runs=[])
     for i, r in enumerate(results):
         run = f"{i + 1}: {r.get('git_sha') or 'unknown'}"

@@ -72,6 +72,9 @@ def test_merge_takes_later_runs_variants_that_the_first_lacks_or_did_not_finish(
     assert "| unsloth | 120 | 1.20 |" in table
     with pytest.raises(ValueError, match="one workload"):
         train_bench.merge([first, dict(second, workload={"name": "b", "description": "d"})])
+    with pytest.raises(ValueError, match="one optimizer"):  # a file without the key was measured with foreach
+        train_bench.merge([first, dict(second, optimizer="fused")])
+    assert train_bench.merge([first, dict(second, optimizer="foreach")])["variants"]["unsloth"]["tokens_per_s"] == 120.0
 
 
 def _fake_step(limit, calls, other_error_at=None):
@@ -127,3 +130,24 @@ def test_merge_takes_a_later_runs_max_seq_search():
     assert v["slothc"]["max_seq"]["max_seq"] == 65536 and v["slothc"]["max_seq"]["run"] == "2: bbb"
     table = train_bench.markdown(train_bench.merge([first, second]))
     assert "| 65536 |" in table and "- slothc (run 2: bbb): 65536 in 50 s: 65536 ok (9 s), 70000 OOM (3 s)" in table
+
+
+@pytest.mark.parametrize("optimizer", ["foreach", "fused"])
+def test_the_step_takes_either_adamw(optimizer):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def run(input_ids, labels):
+        return Out(model(input_ids.float()).square().mean())
+
+    before = model.weight.detach().clone()
+    step = train_bench._stepper(run, model, "cpu", cudagraphs=False, optimizer=optimizer)
+    loss = step(torch.ones(2, 4, dtype=torch.long))
+    assert loss > 0 and not torch.equal(model.weight, before)
+    assert all(p.grad is None for p in model.parameters())  # zeroed after the step

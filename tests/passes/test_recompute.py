@@ -10,18 +10,20 @@ import torch
 import slothc
 from slothc import tiny
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU the Triton kernels run
+
 
 def _step(options, layers=2, checkpointing=False, autocast=False):
     torch.manual_seed(0)
-    model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=64), init_lora_weights=False).train()
+    model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=64), init_lora_weights=False).train().to(DEVICE)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = tiny.sample_batch(model.config, batch=2, seq=32)
+    batch = tiny.sample_batch(model.config, batch=2, seq=32, device=DEVICE)
     del batch["attention_mask"]
     report = slothc.Report()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="slothc", options={"report": report, **options})
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if autocast else torch.autocast(DEVICE.type, enabled=False)
     with ctx:
         compiled(**batch).loss.backward()  # compiles outside the hooks
     model.zero_grad()
@@ -58,8 +60,8 @@ def test_with_gradient_checkpointing_the_layers_are_left_alone():
     on_bytes, on_loss, on_grads, report, _ = _step({"inner": "aot_eager"}, checkpointing=True)
     assert report.count("rms_norm") == 5 and any("1 norm outputs are recomputed" in n for n in report.notes), str(report)
     torch.manual_seed(0)
-    model = tiny.add_lora(tiny.tiny_model("llama", layers=2, hidden=64), init_lora_weights=False).train()
-    batch = tiny.sample_batch(model.config, batch=2, seq=32)
+    model = tiny.add_lora(tiny.tiny_model("llama", layers=2, hidden=64), init_lora_weights=False).train().to(DEVICE)
+    batch = tiny.sample_batch(model.config, batch=2, seq=32, device=DEVICE)
     del batch["attention_mask"]
     loss = model(**batch).loss
     loss.backward()
