@@ -48,7 +48,7 @@ adapters (forward, dX, dW: 6N); ``L`` layers, ``s`` the sequence length, ``D`` =
 Results: ``<out-dir>/<date>-<device>-train.json`` (``{"device", "versions", "workload", "variants":
 {name: {...}}}``, one file per workload run: ``-train-<workload>.json``) and a Markdown table next to
 it, with ratios against eager and against the best peer. ``--profile`` adds a ``torch.profiler``
-table of the slothc step's top kernels, with the share of slothc's own kernels.
+table of the slothc steps' top kernels (with and without CUDA graphs), with the share of slothc's own kernels.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _child(workload, variant, folder, args) -> dict:
                "--optimizer", args.optimizer]
         if args.max_seq:
             cmd += ["--max-seq", "--max-seq-budget-s", str(args.max_seq_budget_s), "--max-seq-resolution", str(args.max_seq_resolution)]
-        if args.profile and variant == "slothc":
+        if args.profile and variant.startswith("slothc"):
             cmd += ["--profile"]
         try:
             proc = subprocess.run(cmd, timeout=args.variant_timeout_s, capture_output=True, text=True)
@@ -577,7 +577,7 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-seq-budget-s", type=float, default=240.0, help="time of the search, a variant (default 240 s)")
     p.add_argument("--max-seq-resolution", type=float, default=0.125,
                    help="bisect until the bracket is within this share of its lower end (default 0.125)")
-    p.add_argument("--profile", action="store_true", help="profile the slothc step (top kernels)")
+    p.add_argument("--profile", action="store_true", help="profile the slothc steps, with and without CUDA graphs (top kernels)")
     p.add_argument("--variant-timeout-s", type=float, default=900.0, help="a variant's process is stopped after this long")
     p.add_argument("--out-dir", default=None, help="where the JSON and Markdown go (default: print only)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
