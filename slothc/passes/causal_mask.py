@@ -48,7 +48,8 @@ from slothc.report import Site, Skip, module_path
 
 READS_INPUT = ("the mask reads a graph input (an attention_mask: padding cannot be ruled out at compile time; "
                "with batches that are never padded, options={'padding': 'none'})")
-DYNAMIC = "the mask has dynamic sizes (it is not evaluated at compile time)"
+DYNAMIC = ("the mask has dynamic sizes (it is not evaluated at compile time, and it is not the plain causal mask "
+           "of symbolic sizes that slothc.passes.symbolic_mask proves)")
 NOT_CAUSAL = "the mask is not the plain causal mask (sliding window, packed sequences or another pattern)"
 TOO_LARGE = "the mask is too large to evaluate at compile time"
 NOT_EVALUATED = "a node of the mask could not be evaluated at compile time"
@@ -153,8 +154,13 @@ def _reason(node: Node, mask: Node, outer: dict, unpadded: bool = False) -> tupl
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
         return NOT_EVALUATED, []
     nodes = _ancestors(mask, outer)
-    # Sizes first: with dynamic shapes the mask reads a size input (or a tensor's size), not values.
+    # Sizes first: with dynamic shapes the mask reads a size input (or a tensor's size), not values:
+    # proved for every size by symbolic_mask where it is built from those sizes alone.
     if not all(_static(val(n)) for n in nodes) or not (_static(q) and _static(k)):
+        from slothc.passes.symbolic_mask import proves_causal
+
+        if not outer and proves_causal(mask, q.shape[-2], k.shape[-2]):
+            return None, []
         return DYNAMIC, []
     ones = [n for n in nodes if unpadded and _unpadded_input(n)]
     if any(n.op in ("placeholder", "get_attr") and n not in ones for n in nodes):

@@ -174,12 +174,70 @@ def test_query_and_key_lengths_differ(diagonal, fused):
     assert [s.reason for s in report.skipped] == ([] if fused else [causal_mask.NOT_CAUSAL])
 
 
-def test_dynamic_sizes_are_reported():
+def _arange(n, q):
+    return torch.arange(n, device=q.device)
+
+
+@pytest.mark.parametrize(
+    "name, mask_fn, proved",
+    [
+        ("causal", lambda n, q: _arange(n, q)[None, :] <= _arange(n, q)[:, None], True),
+        ("causal_offset_and_expand", lambda n, q: ((_arange(n, q) + 0)[None, None, None, :] <= (_arange(n, q) + 0)[None, None, :, None])
+         .expand(q.shape[0], -1, n, n), True),
+        ("causal_spelled_ge", lambda n, q: _arange(n, q)[:, None] >= _arange(n, q)[None, :], True),
+        ("strict", lambda n, q: _arange(n, q)[None, :] < _arange(n, q)[:, None], False),
+        ("transposed", lambda n, q: _arange(n, q)[:, None] <= _arange(n, q)[None, :], False),
+        ("window", lambda n, q: (_arange(n, q)[None, :] <= _arange(n, q)[:, None])
+         & (_arange(n, q)[None, :] > _arange(n, q)[:, None] - 3), False),
+        ("shifted", lambda n, q: _arange(n, q)[None, :] <= _arange(n, q)[:, None] + 1, False),
+        ("tril", lambda n, q: torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), False),  # not interpreted
+    ],
+)
+def test_dynamic_sizes_causal_mask_is_proved_for_every_size(name, mask_fn, proved):
+    """With symbolic sizes the mask is interpreted symbolically (slothc.passes.symbolic_mask): the
+    plain causal one gets is_causal=True for every size; others, and ops it does not interpret,
+    keep the dynamic-sizes reason. Two lengths run through one graph, each equal to eager."""
+    fn = _attention(mask_fn)
     q, k, v = (torch.randn(2, 3, 8, 16) for _ in range(3))
-    fn = _attention(lambda n, q: torch.arange(n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None])
-    report, _, out = _capture(fn, q, k, v, dynamic=True)
+    report, graphs, out = _capture(fn, q, k, v, dynamic=True)
     torch.testing.assert_close(out, fn(q, k, v))
-    assert [s.reason for s in report.skipped] == [causal_mask.DYNAMIC], str(report)
+    assert report.count("causal_mask") == int(proved), str(report)
+    if proved:
+        (call,) = _sdpa_calls(graphs[0])
+        assert call.kwargs["is_causal"] is True and call.kwargs["attn_mask"] is None
+        # one graph for every size: other lengths run through it, each equal to eager
+        report = slothc.Report()
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(fn, backend="slothc", options={"inner": "eager", "report": report}, dynamic=True)
+            for n in (5, 8, 13):
+                q2, k2, v2 = (torch.randn(2, 3, n, 16) for _ in range(3))
+                torch.testing.assert_close(compiled(q2, k2, v2), fn(q2, k2, v2))
+        finally:
+            torch._dynamo.reset()
+        assert report.graphs == 1 and report.count("causal_mask") == 1, str(report)
+    else:
+        assert [s.reason for s in report.skipped] == [causal_mask.DYNAMIC], str(report)
+
+
+def test_a_second_length_recompiles_with_symbolic_sizes_and_stays_causal(like_517):
+    """A tiny Llama trained at three sequence lengths (Dynamo's default automatic dynamic shapes):
+    the first graph's mask is evaluated, the second graph (symbolic sizes, used for the second and
+    third length) has its mask proved causal for every size; every loss is eager's."""
+    model = _model()
+    report = slothc.Report()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="slothc", options={"inner": "aot_eager", "report": report})
+        for seq in (12, 20, 28):
+            batch = tiny.sample_batch(model.config, seq=seq)
+            del batch["attention_mask"]
+            torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss)
+    finally:
+        torch._dynamo.reset()
+    assert report.graphs == 2 and [g.get("causal_mask") for g in report.per_graph()] == [2, 2], str(report)
+    assert [g.get("rms_norm") for g in report.per_graph()] == [5, 5], str(report)
+    assert not [s for s in report.skipped if s.fusion == "causal_mask"], str(report)
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])

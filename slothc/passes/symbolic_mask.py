@@ -1,0 +1,230 @@
+"""A proof, for every size, that an SDPA mask built from symbolic sizes is the plain causal mask.
+
+With dynamic shapes (a second sequence length recompiles the graph with symbolic sizes: Dynamo's
+automatic dynamic shapes) transformers' mask is a function of sizes only, e.g.::
+
+    q = arange(s0) + 0;  kv = arange(s0) + 0
+    mask = (kv[None, None, None, :] <= q[None, None, :, None]).expand(s1, -1, s0, s0)
+
+It cannot be evaluated at compile time (its sizes are unknown), so ``causal_mask`` used to leave it
+alone. Here the mask subgraph is interpreted symbolically: each tensor is the ``sympy`` expression of
+its element at a symbolic index (``arange(n)`` is a fresh index variable ``i`` with ``0 <= i < n``),
+with, per dimension, the index variable it varies over (or none: a broadcast dimension) and its size.
+Comparisons and boolean operators build the element's expression. The mask is causal for *every*
+size when its last two dimensions vary over index variables ``q`` and ``kv`` whose ranges are the
+query's and key's lengths (one symbol: no cache), it varies over no other dimension, and its element
+simplifies to exactly ``kv <= q``.
+
+Only the ops listed in ``_OPS`` are interpreted; anything else (a sliding window's ``>`` with a
+size, a padding mask indexed by a graph input, vmap-built masks, floats) is not proved, and the caller
+keeps its reason ("dynamic sizes"). A proof here is a proof: no size is sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from typing import Optional
+
+import sympy
+import torch
+from torch.fx import Node
+
+from slothc.passes.meta import val
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sym:
+    """A tensor whose element at index ``(.., i_d, ..)`` is ``expr`` (free symbols: index variables)."""
+
+    expr: sympy.Basic
+    dims: tuple  # per dimension: the index variable it varies over, or None (broadcast)
+    sizes: tuple  # per dimension: a sympy size (1 for a broadcast dimension not yet expanded)
+
+
+class NotProved(Exception):
+    pass
+
+
+def _boolean(expr) -> bool:
+    return isinstance(expr, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational))
+
+
+def _size(x) -> sympy.Basic:
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    raise NotProved(f"size {x!r}")
+
+
+def _broadcast(a: _Sym, b: _Sym) -> tuple[tuple, tuple]:
+    n = max(len(a.dims), len(b.dims))
+    da, db = (None,) * (n - len(a.dims)) + a.dims, (None,) * (n - len(b.dims)) + b.dims
+    sa, sb = (sympy.Integer(1),) * (n - len(a.sizes)) + a.sizes, (sympy.Integer(1),) * (n - len(b.sizes)) + b.sizes
+    dims, sizes = [], []
+    for x, y, p, r in zip(da, db, sa, sb):
+        if x is not None and y is not None and x != y:
+            raise NotProved("two index variables in one dimension")
+        if p != r and p != 1 and r != 1:
+            raise NotProved("sizes that do not broadcast")
+        dims.append(x if x is not None else y)
+        sizes.append(p if r == 1 else r)
+    return tuple(dims), tuple(sizes)
+
+
+def _scalar(x) -> Optional[sympy.Basic]:
+    if isinstance(x, bool):
+        return sympy.true if x else sympy.false
+    if isinstance(x, (int, torch.SymInt)):
+        return _size(x)
+    return None
+
+
+def _binary(fn):
+    def op(a, b):
+        sa, sb = _scalar(a), _scalar(b)
+        if isinstance(a, _Sym) and isinstance(b, _Sym):
+            dims, sizes = _broadcast(a, b)
+            return _Sym(fn(a.expr, b.expr), dims, sizes)
+        if isinstance(a, _Sym) and sb is not None:
+            return _Sym(fn(a.expr, sb), a.dims, a.sizes)
+        if isinstance(b, _Sym) and sa is not None:
+            return _Sym(fn(sa, b.expr), b.dims, b.sizes)
+        raise NotProved("an operand that is neither an index tensor nor an integer")
+
+    return op
+
+
+_COMPARE = {
+    operator.le: sympy.Le, torch.le: sympy.Le, torch.Tensor.le: sympy.Le, "le": sympy.Le,
+    operator.lt: sympy.Lt, torch.lt: sympy.Lt, torch.Tensor.lt: sympy.Lt, "lt": sympy.Lt,
+    # a >= b is b <= a: one form to compare against
+    operator.ge: lambda a, b: sympy.Le(b, a), torch.ge: lambda a, b: sympy.Le(b, a),
+    torch.Tensor.ge: lambda a, b: sympy.Le(b, a), "ge": lambda a, b: sympy.Le(b, a),
+    operator.gt: lambda a, b: sympy.Lt(b, a), torch.gt: lambda a, b: sympy.Lt(b, a),
+    torch.Tensor.gt: lambda a, b: sympy.Lt(b, a), "gt": lambda a, b: sympy.Lt(b, a),
+}
+_ARITH = {operator.add: operator.add, torch.add: operator.add, "add": operator.add,
+          operator.sub: operator.sub, torch.sub: operator.sub, "sub": operator.sub}
+_LOGIC = {operator.and_: sympy.And, torch.logical_and: sympy.And, "logical_and": sympy.And, "__and__": sympy.And,
+          operator.or_: sympy.Or, torch.logical_or: sympy.Or, "logical_or": sympy.Or, "__or__": sympy.Or}
+
+
+def _index(x: _Sym, key) -> _Sym:
+    """``x[key]`` for a key of ``None`` and full slices (the broadcasting spellings)."""
+    key = key if isinstance(key, tuple) else (key,)
+    dims, sizes, i = [], [], 0
+    for k in key:
+        if k is None:
+            dims.append(None)
+            sizes.append(sympy.Integer(1))
+        elif isinstance(k, slice) and k == slice(None, None, None):
+            dims.append(x.dims[i])
+            sizes.append(x.sizes[i])
+            i += 1
+        else:
+            raise NotProved(f"index {k!r}")
+    dims += x.dims[i:]
+    sizes += x.sizes[i:]
+    return _Sym(x.expr, tuple(dims), tuple(sizes))
+
+
+def _expand(x: _Sym, *shape) -> _Sym:
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (list, tuple)) else shape
+    if len(shape) < len(x.dims):
+        raise NotProved("expand to fewer dimensions")
+    pad = len(shape) - len(x.dims)
+    dims, sizes = (None,) * pad + x.dims, (sympy.Integer(1),) * pad + x.sizes
+    out = []
+    for d, s, new in zip(dims, sizes, shape):
+        if isinstance(new, int) and new == -1:
+            out.append(s)
+            continue
+        new = _size(new)
+        if d is not None and new != s:
+            raise NotProved("expand changes a varying dimension's size")
+        out.append(new)
+    return _Sym(x.expr, dims, tuple(out))
+
+
+class _Interpreter:
+    def __init__(self):
+        self.env: dict = {}
+        self.ranges: dict = {}  # index variable -> its size
+        self.fresh = itertools.count()
+
+    def value(self, n):
+        if not isinstance(n, Node):
+            return n
+        if n not in self.env:
+            self.env[n] = self._run(n)
+        return self.env[n]
+
+    def _arg(self, a):
+        if isinstance(a, Node):
+            return self.value(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        return a
+
+    def _run(self, n: Node):
+        if n.op == "placeholder":
+            v = val(n)
+            if isinstance(v, torch.SymInt):
+                return v  # a size
+            raise NotProved(f"graph input {n.name}")
+        if n.op not in ("call_function", "call_method"):
+            raise NotProved(n.op)
+        args = [self._arg(a) for a in n.args]
+        kwargs = {k: self._arg(v) for k, v in n.kwargs.items()}
+        t = n.target
+        if t is torch.arange:
+            kwargs.pop("device", None)
+            kwargs.pop("dtype", None)
+            if kwargs or not 1 <= len(args) <= 2:
+                raise NotProved("arange with a step")
+            start, end = (sympy.Integer(0), _size(args[0])) if len(args) == 1 else (_size(args[0]), _size(args[1]))
+            i = sympy.Symbol(f"i{next(self.fresh)}", integer=True, nonnegative=True)
+            self.ranges[i] = end - start
+            return _Sym(start + i, (i,), (end - start,))
+        if t in _ARITH and not kwargs:
+            return _binary(_ARITH[t])(*args)
+        if t in _COMPARE and not kwargs:
+            return _binary(_COMPARE[t])(*args)
+        if t in _LOGIC and not kwargs:
+            return _binary(_LOGIC[t])(*args)
+        if t is operator.getitem and isinstance(args[0], _Sym):
+            return _index(args[0], args[1])
+        if t in ("expand", torch.Tensor.expand) and isinstance(args[0], _Sym) and not kwargs:
+            return _expand(args[0], *args[1:])
+        if t in ("bool", torch.Tensor.bool) and isinstance(args[0], _Sym) and _boolean(args[0].expr):
+            return args[0]
+        raise NotProved(f"op {getattr(t, '__name__', t)}")
+
+
+def proves_causal(mask: Node, q_len, kv_len) -> bool:
+    """True if ``mask`` (a node) is, for every value of the sizes it reads, the plain causal
+    ``[.., q_len, kv_len]`` mask (module docstring); False when that is not shown."""
+    interp = _Interpreter()
+    try:
+        m = interp.value(mask)
+    except (NotProved, TypeError, ValueError, AttributeError):
+        return False
+    if not isinstance(m, _Sym) or len(m.dims) < 2 or not _boolean(m.expr):
+        return False
+    q, kv = m.dims[-2], m.dims[-1]
+    if q is None or kv is None or q == kv or any(d is not None for d in m.dims[:-2]):
+        return False
+    try:
+        Q, KV = _size(q_len), _size(kv_len)
+    except NotProved:
+        return False
+    if not (interp.ranges[q] == Q == m.sizes[-2] and interp.ranges[kv] == KV == m.sizes[-1] and sympy.simplify(Q - KV) == 0):
+        return False
+    # a <= b with a - b identically kv - q: the element is kv <= q at every index, for every size
+    e = m.expr
+    if isinstance(e, sympy.GreaterThan):  # sympy may hand back b >= a for a <= b
+        e = sympy.LessThan(e.rhs, e.lhs, evaluate=False)
+    return isinstance(e, sympy.LessThan) and sympy.simplify((e.lhs - e.rhs) - (kv - q)) == 0
