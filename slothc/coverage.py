@@ -571,7 +571,7 @@ def main(argv=None) -> int:
 
     # the table so far after each architecture, marked partial (a run stopped by a time limit keeps it)
     rows = run(archs, args, on_row=(lambda done: write(done, set(archs) - {r["arch"] for r in done})) if stems else None)
-    rows = write(rows) if stems else (merge(committed["rows"], rows) if committed is not None else rows)
+    rows = write(rows) if stems else rows  # --update names a stem: its merge is in write()
     print(summary(rows), flush=True)
     for stem in stems:
         print(f"wrote {stem}.md and .json", flush=True)
