@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -55,7 +56,10 @@ def propagate(nodes: list, like: Node) -> bool:
         if mode is None and tensors:
             return False
         # No tensor argument: a Python op on fake values (``getitem`` of a custom op's tuple result).
-        with mode if mode is not None else contextlib.nullcontext():
+        # The Python dispatcher, as Dynamo runs ops on fake values: composite ops (``linear`` ->
+        # ``matmul``) then take their Python decompositions, which take symbolic sizes; their C++
+        # bodies may not (torch 2.11's matmul calls ``numel()``, which raises on a symbolic size).
+        with (mode if mode is not None else contextlib.nullcontext()), enable_python_dispatcher():
             if node.op == "call_method":
                 result = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:

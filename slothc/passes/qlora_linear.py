@@ -112,6 +112,24 @@ def _peel_views(node):
     return node
 
 
+_SIZE_METHODS = ("numel", "size", "dim")
+_SIZE_FUNCTIONS = tuple(getattr(torch.Tensor, m) for m in _SIZE_METHODS)  # the same, as slothc's normalize pass spells them
+_SIZE_OPS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.mul, operator.add,
+             operator.sub, operator.floordiv, operator.getitem)
+
+
+def _size_expr(node, placeholders) -> bool:
+    """``node`` computes a size (an int or a comparison of sizes) from the body's inputs only:
+    ``numel()``/``size()``/``dim()`` of an input, arithmetic and comparisons of those and of constants."""
+    if not isinstance(node, Node):
+        return isinstance(node, (int, bool))
+    if (node.op == "call_method" and node.target in _SIZE_METHODS) or (node.op == "call_function" and node.target in _SIZE_FUNCTIONS):
+        return node.args[0] in placeholders and all(isinstance(a, int) for a in node.args[1:]) and not node.kwargs
+    if node.op == "call_function" and node.target in _SIZE_OPS and not node.kwargs:
+        return all(_size_expr(a, placeholders) for a in node.args)
+    return node in placeholders and isinstance(val(node), (torch.SymInt, int))
+
+
 def _state_from_gemm(args: dict, inputs=None) -> tuple | None:
     """(x, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias) of a
     ``gemm_4bit`` call; ``inputs`` maps a body's placeholders to the outer graph's nodes."""
@@ -225,9 +243,10 @@ def _rewrite_autograd_apply(graph, node, gemm, dequant, report, graph_index):
     outs = output.args[0][0] if isinstance(output.args[0], (tuple, list)) and output.args[0] else None
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
     reason = None
-    # Its first output is the gemm's; torch 2.11 also returns the packed weight's view (an input, not
-    # a result: the outer graph reads output 0 only, checked below).
-    extra_ok = all(isinstance(o, Node) and _peel_views(o) in placeholders for o in outs[1:])
+    # Its first output is the gemm's; torch 2.11 also returns what MatMul4Bit keeps on its ctx: the
+    # packed weight's view (an input, not a result) and, with symbolic sizes, ``A.numel()`` and
+    # ``A.numel() == 0`` (size arithmetic). The outer graph reads output 0 only (checked below).
+    extra_ok = all(isinstance(o, Node) and (_peel_views(o) in placeholders or _size_expr(o, placeholders)) for o in outs[1:])
     if len(calls) != 1 or not outs or outs[0] is not calls[0] or not extra_ok:
         reason = NOT_MATMUL_4BIT
     state = _state_from_gemm(_bound(calls[0], gemm), inputs) if reason is None else None

@@ -163,8 +163,10 @@ def test_triton_dequantisation_in_a_training_step(checkpoint, monkeypatch):
 def test_sequence_lengths_that_change_recompile_once_and_stay_fused(checkpoint, inner, reference_ops_on_cpu):
     """Batches of other shapes (2 x 12, then 1 x 20 and 1 x 28, as the longest-sequence search runs
     them): one recompile with dynamic sizes, every 4-bit LoRA linear fused in both graphs, each loss
-    eager's. (On the H200 the 8B search failed in this recompile: "Cannot call numel() on tensor
-    with symbolic sizes/strides"; not reproduced on the CPU. This runs on CUDA where there is one.)"""
+    eager's. On torch 2.11 (the GPU machine's) this recompile failed, "Cannot call numel() on tensor
+    with symbolic sizes/strides" (the 8B longest-sequence search on the H200), and once that was
+    fixed MatMul4Bit's body, which then also returns ``A.numel()``, went unfused; torch 2.13 shows
+    neither (tests/passes/test_meta.py and test_qlora_linear.py's torch-2.11 graphs cover both)."""
     eager = _qlora_model(checkpoint, dtype=torch.bfloat16, compute=torch.bfloat16)
     fused = _qlora_model(checkpoint, dtype=torch.bfloat16, compute=torch.bfloat16)
     report = slothc.Report()

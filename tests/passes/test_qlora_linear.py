@@ -283,10 +283,12 @@ def test_direct_gemm_on_an_input_that_needs_grad_is_reported():
     assert torch.ops.bitsandbytes.gemm_4bit.default in targets(graphs[0])
 
 
-def _as_torch_2_11(gm):
+def _as_torch_2_11(gm, sizes=False):
     """Rewrite a captured graph the way torch 2.11's Dynamo records MatMul4Bit: the forward body also
     returns the packed weight's view, and (inside gradient checkpointing) the outer graph reads it
-    with a getitem nobody uses."""
+    with a getitem nobody uses. ``sizes``: as in a graph with symbolic sizes (the recompile for a
+    second sequence length), it also returns what MatMul4Bit keeps of them, ``A.numel()`` and
+    ``A.numel() == 0``."""
     apply_hop = torch.ops.higher_order.autograd_function_apply
     changed = 0
     for node in list(gm.graph.nodes):
@@ -296,7 +298,13 @@ def _as_torch_2_11(gm):
         (out,) = [n for n in fwd.graph.nodes if n.op == "output"]
         (results, saved) = out.args[0]
         view = next(n for n in fwd.graph.nodes if n.target in ("view", torch.Tensor.view))
-        out.args = (((*results, view), saved),)
+        extra = [view]
+        if sizes:
+            gemm = next(n for n in fwd.graph.nodes if n.target is torch.ops.bitsandbytes.gemm_4bit.default)
+            with fwd.graph.inserting_before(gemm):
+                numel = fwd.graph.call_method("numel", (gemm.args[0],))
+                extra = [numel, fwd.graph.call_function(operator.eq, (numel, 0)), view]
+        out.args = (((*results, *extra), saved),)
         fwd.recompile()
         with gm.graph.inserting_after(node):
             gm.graph.call_function(operator.getitem, (node, 1))
@@ -305,7 +313,8 @@ def _as_torch_2_11(gm):
     return changed
 
 
-def test_matmul4bit_as_torch_2_11_records_it():
+@pytest.mark.parametrize("sizes", [False, True], ids=["static", "symbolic_sizes"])
+def test_matmul4bit_as_torch_2_11_records_it(sizes):
     from slothc import passes
     from slothc.options import Options
     from slothc.report import Report
@@ -316,7 +325,7 @@ def test_matmul4bit_as_torch_2_11_records_it():
     report, seen = Report(), []
 
     def backend(gm, example_inputs):
-        seen.append(_as_torch_2_11(gm))
+        seen.append(_as_torch_2_11(gm, sizes))
         passes.run(gm, Options.from_dict({"inner": "eager"}), report)
         return gm.forward
 
