@@ -21,7 +21,8 @@ kept, and the mask nodes that nothing else reads are removed. This is what eager
 computes: the flash kernel, no mask.
 
 Skipped with the reason: the mask reads a graph input (the ``attention_mask`` a training loop
-passes: whether it pads cannot be known when compiling); its sizes are dynamic; it is another
+passes: whether it pads cannot be known when compiling); the mask itself is a graph input (built in
+another graph: a graph break, or a DDP bucket split); its sizes are dynamic; it is another
 pattern than the plain causal one (a sliding window, packed sequences, bidirectional parts, soft
 values); too large to evaluate; a node that could not be evaluated.
 
@@ -48,6 +49,8 @@ from slothc.report import Site, Skip, module_path
 
 READS_INPUT = ("the mask reads a graph input (an attention_mask: padding cannot be ruled out at compile time; "
                "with batches that are never padded, options={'padding': 'none'})")
+MASK_IS_INPUT = ("the mask is an input of this graph, built in another (a graph break, or Dynamo's DDPOptimizer "
+                 "splitting at a DDP bucket): it cannot be evaluated here")
 DYNAMIC = ("the mask has dynamic sizes (it is not evaluated at compile time, and it is not the plain causal mask "
            "of symbolic sizes that slothc.passes.symbolic_mask proves)")
 NOT_CAUSAL = "the mask is not the plain causal mask (sliding window, packed sequences or another pattern)"
@@ -163,7 +166,10 @@ def _reason(node: Node, mask: Node, outer: dict, unpadded: bool = False) -> tupl
             return None, []
         return DYNAMIC, []
     ones = [n for n in nodes if unpadded and _unpadded_input(n)]
-    if any(n.op in ("placeholder", "get_attr") and n not in ones for n in nodes):
+    inputs = [n for n in nodes if n.op in ("placeholder", "get_attr") and n not in ones]
+    if any(n.op == "placeholder" and isinstance(val(n), torch.Tensor) and val(n).dim() >= 3 for n in inputs):
+        return MASK_IS_INPUT, []  # a [B, H, Q, KV]-like mask, not a [B, S] attention_mask
+    if inputs:
         return READS_INPUT, []
     if any(isinstance(val(n), torch.Tensor) and val(n).numel() > _MAX_ELEMENTS for n in nodes):
         return TOO_LARGE, []

@@ -25,6 +25,7 @@ import torch
 
 import slothc
 from slothc.backend import DDP_PIECES
+from slothc.passes.causal_mask import MASK_IS_INPUT
 from slothc.passes.lora_linear import BASE_IN_ANOTHER_GRAPH
 from slothc.passes.matcher import TENSOR_SUBCLASS
 from tests.e2e import _ranks
@@ -75,7 +76,9 @@ def test_ddp_pieces_are_fused_and_train_as_one_process(tmp_path):
         assert sum(c.get(fusion, 0) for c in per_graph) == report.count(fusion)
 
     cut = [s for s in report.skipped if s.reason == BASE_IN_ANOTHER_GRAPH]
-    assert cut and cut == report.skipped, text
+    # torch 2.11 also splits some layers between their mask and their attention (2.13 does not)
+    masks = [s for s in report.skipped if s.fusion == "causal_mask" and s.reason == MASK_IS_INPUT]
+    assert cut and len(cut) + len(masks) == len(report.skipped), text
     for fusion in ("rms_norm", "rope", "linear_cross_entropy"):
         assert report.count(fusion) == single.count(fusion) > 0, (fusion, text)
     assert report.count("lora_linear") + len(cut) == single.count("lora_linear"), text
@@ -93,7 +96,8 @@ def test_fsdp2_fused_loss_reads_the_gathered_lm_head(tmp_path):
         assert runs[0]["lm_head"] == ("DTensor", (_ranks.VOCAB // _ranks.WORLD, 64))  # sharded outside the forward
         _assert_same_step(runs, loss, grads)
         report = runs[0]["report"]
-        assert not report.skipped, str(report)
+        # torch 2.11 breaks the graph between the mask and the layers (2.13 does not): reported as such
+        assert all(s.fusion == "causal_mask" and s.reason == MASK_IS_INPUT for s in report.skipped), str(report)
         for fusion in ("rms_norm", "rope", "lora_linear", "mlp", "linear_cross_entropy"):
             assert report.count(fusion) == single.count(fusion) > 0, (logits, fusion, str(report))
         assert [s.variant for s in report.fused["linear_cross_entropy"]] == [variant], str(report)

@@ -279,6 +279,20 @@ def test_no_padding_option_stops_a_padded_batch(like_517):
         torch._dynamo.reset()
 
 
+def test_a_mask_built_in_another_graph_is_reported_as_such():
+    """The mask is an input itself, as in a piece of a DDP-split graph or after a graph break (seen
+    with torch 2.11 under DDP and FSDP2): not evaluated, and not called an attention_mask."""
+    def fn(q, k, v, mask):
+        return SDPA(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    report, graphs, out = _capture(fn, q, k, v, mask, options={"padding": "none"})
+    assert report.count("causal_mask") == 0
+    assert [s.reason for s in report.skipped if s.fusion == "causal_mask"] == [causal_mask.MASK_IS_INPUT], str(report)
+    torch.testing.assert_close(out, fn(q, k, v, mask))
+
+
 def test_no_padding_option_leaves_other_inputs_unproved(like_517):
     """Only an input named attention_mask is taken as ones: a mask that reads another input (here the
     token ids, as a mask of the pad token would) stays, with the reason."""
