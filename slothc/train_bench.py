@@ -198,7 +198,8 @@ def _result(workload: Workload, results: dict, args) -> dict:
     _compare_losses(results)
     return {"device": _device_name(args.device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
             "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
-            "optimizer": args.optimizer, "git_sha": os.environ.get("SLOTHC_GIT_SHA")}
+            "optimizer": args.optimizer, "git_sha": os.environ.get("SLOTHC_GIT_SHA"),
+            "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1" and not args.device.startswith("cuda")}
 
 
 def _child(workload, variant, folder, args) -> dict:
@@ -505,6 +506,9 @@ def markdown(result: dict) -> str:
              f"{result['device']}; " + ", ".join(f"{k} {x}" for k, x in result["versions"].items() if x) + f"; {result['date']}",
              f"median of {result['steps']} steps after {result['warmup']} warm-up; AdamW {result.get('optimizer', 'foreach')}; "
              f"peak = max_memory_allocated over all steps", ""]
+    if result.get("triton_interpreter"):
+        lines[-1:-1] = ["slothc's kernels ran in the Triton interpreter (TRITON_INTERPRET=1, the CPU default here): a smoke run "
+                        "of the kernel path, not a speed measure"]
     if len(result.get("runs", [])) > 1:
         by_run = {}
         for name, r in v.items():

@@ -2,6 +2,7 @@
 in its own process, same batches, losses compared with eager's, JSON and Markdown written."""
 
 import json
+import os
 
 import pytest
 
@@ -38,6 +39,9 @@ def test_tiny_run_writes_results(tmp_path):
         assert unsloth["status"] in ("unavailable", "error") and unsloth["reason"]
     table = (tmp_path / path.name.replace(".json", ".md")).read_text()
     assert "| eager |" in table and "| slothc |" in table and "| unsloth |" in table
+    # the CPU run's kernels are interpreted (main sets TRITON_INTERPRET=1 unless told otherwise): the table says so
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert result["triton_interpreter"] is interpreted and ("Triton interpreter" in table) is interpreted
 
 
 def test_markdown_marks_a_failed_variant():
