@@ -182,3 +182,9 @@ def test_sequence_lengths_that_change_recompile_once_and_stay_fused(checkpoint, 
     finally:
         torch._dynamo.reset()
     assert report.graphs == 2 and report.count("qlora_linear") == 2 * 7 * LAYERS, str(report)
+    # the dynamic graph fuses what the first one does: norms, RoPE, the MLPs with their 4-bit down
+    # projections, the loss and, where transformers builds one (5.17), the causal mask (proved for
+    # every size); nothing is skipped
+    first, dynamic = report.per_graph()
+    assert dynamic == first and first.get("causal_mask", LAYERS) == LAYERS and not report.skipped, str(report)
+    assert [s.variant for s in report.fused["mlp"]] == ["silu + down"] * 2 * LAYERS, str(report)
