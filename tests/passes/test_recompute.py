@@ -9,8 +9,17 @@ import torch
 
 import slothc
 from slothc import tiny
+from tests.helpers import reference_ops_on_cpu
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU the Triton kernels run
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops_on_cpu(monkeypatch):
+    # On the CPU the ops' torch references (what is saved is the partitioner's choice either way; the
+    # Triton interpreter would take most of a minute a test)
+    with reference_ops_on_cpu(monkeypatch):
+        yield
 
 
 def _step(options, layers=2, checkpointing=False, autocast=False):
