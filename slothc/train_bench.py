@@ -195,11 +195,13 @@ def run_workload(workload: Workload, variants, args, write=None) -> dict:
 
 
 def _result(workload: Workload, results: dict, args) -> dict:
+    from slothc.kernels._launch import interpreting
+
     _compare_losses(results)
     return {"device": _device_name(args.device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
             "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
             "optimizer": args.optimizer, "git_sha": os.environ.get("SLOTHC_GIT_SHA"),
-            "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1" and not args.device.startswith("cuda")}
+            "triton_interpreter": interpreting() and not args.device.startswith("cuda")}
 
 
 def _child(workload, variant, folder, args) -> dict:
