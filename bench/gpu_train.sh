@@ -13,7 +13,7 @@
 #
 # Writes to $OUT: env.txt, tests.log (when TEST_ARGS is set), train.log, and the benchmark's
 # <date>-<device>-train-<workload>.{json,md} (rewritten after each variant, so a run cut short
-# keeps the variants it finished).
+# keeps the variants it finished; TRAIN_ARGS2's and TRAIN_ARGS3's in run2/ and run3/).
 #
 # Limits in seconds: T_TOTAL (default 570, under the tool's 10-minute command limit) for the whole
 # script; T_TESTS (default 200) for the tests, which are stopped by SIGINT so that pytest still
@@ -74,10 +74,15 @@ if [ -n "${TEST_ARGS:-}" ]; then
 fi
 
 # TRAIN_ARGS, then TRAIN_ARGS2 and TRAIN_ARGS3 when set (e.g. other variants of another workload):
-# each gets what is left before the deadline.
+# each gets what is left before the deadline, and its own folder ($OUT, $OUT/run2, $OUT/run3), so
+# that two runs of one workload do not write over each other's results.
 : > "$OUT/train.log"
+n=0
 for args in "${TRAIN_ARGS:-}" "${TRAIN_ARGS2:-}" "${TRAIN_ARGS3:-}"; do
+    n=$((n + 1))
     [ -n "$args" ] || continue
+    out_dir=$OUT
+    [ "$n" -gt 1 ] && out_dir=$OUT/run$n
     left=$((T_TOTAL - SECONDS - T_MARGIN))
     if [ "$left" -lt 30 ]; then
         echo "=== train_step: $args SKIPPED (${left}s left)" | tee -a "$OUT/train.log"
@@ -85,7 +90,7 @@ for args in "${TRAIN_ARGS:-}" "${TRAIN_ARGS2:-}" "${TRAIN_ARGS3:-}"; do
     fi
     echo "=== train_step: $args (limit ${left}s)" | tee -a "$OUT/train.log"
     # shellcheck disable=SC2086  # $args: word splitting wanted
-    SLOTHC_GIT_SHA=${SLOTHC_GIT_SHA:-unknown} timeout -k 10 "$left" python3 bench/train_step.py $args --out-dir "$OUT" \
+    SLOTHC_GIT_SHA=${SLOTHC_GIT_SHA:-unknown} timeout -k 10 "$left" python3 bench/train_step.py $args --out-dir "$out_dir" \
         2>&1 | tee -a "$OUT/train.log"
     echo "=== train_step rc=${PIPESTATUS[0]} ($SECONDS s since the start)" | tee -a "$OUT/train.log"
 done

@@ -428,7 +428,56 @@ def profile_step(step, ids, top: int = 25) -> dict:
             total += t / 2e3
     rows.sort(key=lambda r: -r[1])
     ours = sum(t for k, t, _ in rows if any(s in k for s in _SLOTHC_KERNELS))
-    return {"gpu_ms_per_step": total, "slothc_kernels_ms": ours, "top": [{"kernel": k[:120], "ms": t, "calls": c} for k, t, c in rows[:top]]}
+    out = {"gpu_ms_per_step": total, "slothc_kernels_ms": ours, "top": [{"kernel": k[:120], "ms": t, "calls": c} for k, t, c in rows[:top]]}
+    kernels, cpu = [], []
+    for ev in prof.events():
+        start, end = ev.time_range.start, ev.time_range.end
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            if not _annotation(ev.key):
+                kernels.append((ev.key, start, end))
+        elif end > start:
+            depth, parent = 0, ev.cpu_parent
+            while parent is not None:
+                depth, parent = depth + 1, parent.cpu_parent
+            cpu.append((ev.key, start, end, depth))
+    if kernels:
+        out["timeline"] = timeline(kernels, cpu, steps=2)
+    return out
+
+
+def timeline(kernels: list, cpu: list, steps: int, top: int = 8) -> dict:
+    """Where the GPU waits: from the kernels' ``(name, start, end)`` and the host's ops
+    ``(name, start, end, depth)`` of ``steps`` profiled steps (microseconds, one clock).
+
+    ``span_ms``: first kernel's start to last kernel's end, a step; ``busy_ms``: the union of the
+    kernels' intervals (streams that overlap count once), a step; ``idle_ms``: the difference, split
+    by gap length (``gaps``: count and ms a step of gaps under 5 us, 5-50 us, over 50 us: launch
+    latency inside a CUDA graph, a host that launches one kernel at a time, a host that is far
+    behind); ``largest``: the longest gaps, each with the kernels on either side and the host ops
+    running at its middle (outermost first), so that what the GPU waited for is named."""
+    ks = sorted(kernels, key=lambda k: k[1])
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = ks[0][1], ks[0][2], ks[0][0]
+    for name, start, end in ks[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_end, start, cur_name, name))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    span = max(k[2] for k in ks) - ks[0][1]
+    bins = {"under_5us": (0.0, 5.0), "5_to_50us": (5.0, 50.0), "over_50us": (50.0, float("inf"))}
+    hist = {b: {"count": sum(1 for g in gaps if lo <= g[0] < hi) / steps,
+                "ms": sum(g[0] for g in gaps if lo <= g[0] < hi) / steps / 1e3} for b, (lo, hi) in bins.items()}
+    largest = []
+    for length, start, end, before, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+        mid = (start + end) / 2
+        host = sorted((c for c in cpu if c[1] <= mid <= c[2]), key=lambda c: c[3])
+        largest.append({"us": round(length, 1), "after": before[:80], "before": after[:80],
+                        "host": [c[0][:80] for c in host][:6]})
+    return {"kernels_per_step": len(ks) / steps, "span_ms": span / steps / 1e3, "busy_ms": busy / steps / 1e3,
+            "idle_ms": (span - busy) / steps / 1e3, "gaps": hist, "largest": largest}
 
 
 def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=None, resolution: float = 0.125) -> dict:
@@ -562,6 +611,16 @@ def markdown(result: dict) -> str:
                       f"{r['step_ms']:.1f} ms of wall time; slothc's own kernels {prof['slothc_kernels_ms']:.1f} ms ({share:.0%})", "",
                       "| kernel | ms a step | calls a step |", "| --- | ---: | ---: |"]
             lines += [f"| `{t['kernel'][:90]}` | {t['ms']:.2f} | {t['calls']} |" for t in prof["top"][:15]]
+            tl = prof.get("timeline")
+            if tl:
+                g = tl["gaps"]
+                lines += ["", f"{name} timeline: {tl['kernels_per_step']:.0f} kernels a step; the GPU busy {tl['busy_ms']:.1f} ms of a "
+                          f"{tl['span_ms']:.1f} ms span (first kernel to last, a step), idle {tl['idle_ms']:.1f} ms: gaps under 5 us "
+                          f"{g['under_5us']['count']:.0f} ({g['under_5us']['ms']:.1f} ms), 5-50 us {g['5_to_50us']['count']:.0f} "
+                          f"({g['5_to_50us']['ms']:.1f} ms), over 50 us {g['over_50us']['count']:.0f} ({g['over_50us']['ms']:.1f} ms). "
+                          "Longest gaps:"]
+                lines += [f"- {x['us']:.0f} us after `{x['after'][:50]}`, before `{x['before'][:50]}`; host: "
+                          + (" > ".join(f"`{h[:50]}`" for h in x["host"]) or "no op") for x in tl["largest"][:5]]
     return "\n".join(lines) + "\n"
 
 

@@ -155,3 +155,29 @@ def test_the_step_takes_either_adamw(optimizer):
     loss = step(torch.ones(2, 4, dtype=torch.long))
     assert loss > 0 and not torch.equal(model.weight, before)
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+
+
+def test_timeline_finds_where_the_gpu_waits_and_what_the_host_ran():
+    """Two steps of kernels on two streams (us): overlaps count once; each gap is binned by length and
+    the longest are named with the host ops running at their middle, outermost first."""
+    kernels = [("gemm", 0, 100), ("norm", 50, 120),  # overlapping: busy 0-120
+               ("rope", 122, 130),                   # a 2 us gap
+               ("attn", 150, 250),                   # a 20 us gap
+               ("gemm", 1250, 1350),                 # the step boundary: 1000 us
+               ("norm", 1352, 1400), ("rope", 1420, 1450), ("attn", 1451, 1550)]
+    cpu = [("step", 0, 1200, 0), ("float", 250, 1240, 1), ("aten::_local_scalar_dense", 260, 1230, 2), ("step", 1200, 1600, 0)]
+    t = train_bench.timeline(kernels, cpu, steps=2)
+    assert t["kernels_per_step"] == 4
+    assert t["span_ms"] == pytest.approx(1550 / 2 / 1e3)
+    busy = 120 + 8 + 100 + 100 + 48 + 30 + 99
+    assert t["busy_ms"] == pytest.approx(busy / 2 / 1e3) and t["idle_ms"] == pytest.approx((1550 - busy) / 2 / 1e3)
+    assert t["gaps"]["under_5us"] == {"count": 1.5, "ms": pytest.approx((2 + 2 + 1) / 2 / 1e3)}  # 2, 2, 1 us: three in two steps
+    assert t["gaps"]["5_to_50us"] == {"count": 1.0, "ms": pytest.approx(40 / 2 / 1e3)} and t["gaps"]["over_50us"]["count"] == 0.5
+    first = t["largest"][0]
+    assert first["us"] == 1000 and first["after"] == "attn" and first["before"] == "gemm"
+    assert first["host"] == ["step", "float", "aten::_local_scalar_dense"]
+    table = train_bench.markdown({"workload": {"name": "x", "description": "d"}, "device": "dev", "versions": {}, "date": "d",
+                                  "steps": 1, "warmup": 1, "variants": {"slothc": {
+                                      "status": "ok", "tokens_per_s": 1.0, "peak_gib": 1.0, "step_ms": 1.0,
+                                      "profile": {"gpu_ms_per_step": 0.5, "slothc_kernels_ms": 0.1, "top": [], "timeline": t}}}})
+    assert "slothc timeline: 4 kernels a step" in table and "1000 us after `attn`, before `gemm`" in table
