@@ -374,12 +374,27 @@ def child_main(args) -> dict:
         if args.max_seq:
             # from the workload's tokens at batch 1: batch and length change at once (one recompile)
             out["max_seq"] = max_seq(step, vocab, workload.batch * workload.seq, args.device, args.max_seq_budget_s,
-                                     reset=step.reset, resolution=args.max_seq_resolution)
+                                     reset=step.reset, resolution=args.max_seq_resolution,
+                                     graphs=(lambda: report.graphs) if report is not None else None)
+            if report is not None:  # the graphs the search compiled, too: what each fused, what each skipped
+                out["max_seq"].update(per_graph=report.per_graph(),
+                                      skipped=sorted({f"graph {s.graph}: {s.fusion}: {s.reason}" for s in report.skipped})[:20],
+                                      recompiles=_recompile_reasons())
     except ImportError as e:
         out = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"[:600]}
     except Exception as e:  # noqa: BLE001  (recorded, and the next variant runs)
         out = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-2000:]}
     return out
+
+
+def _recompile_reasons(limit: int = 10) -> list:
+    """Why Dynamo recompiled (the failed guards it recorded), for the longest-sequence search."""
+    try:
+        from torch._dynamo.utils import guard_failures
+    except ImportError:
+        return []
+    reasons = [str(r) for failures in guard_failures.values() for r in failures]
+    return [" ".join(r.split())[:300] for r in reasons][:limit]
 
 
 def matmul_peak_tflops(size: int = 8192, reps: int = 20) -> float:
@@ -480,14 +495,17 @@ def timeline(kernels: list, cpu: list, steps: int, top: int = 8) -> dict:
             "idle_ms": (span - busy) / steps / 1e3, "gaps": hist, "largest": largest}
 
 
-def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=None, resolution: float = 0.125) -> dict:
+def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=None, resolution: float = 0.125,
+            graphs=None) -> dict:
     """The longest sequence that trains at batch 1: doubling from ``start``, then bisection until the
     bracket is within ``resolution`` of its lower end (and at least 256), or the budget is spent.
 
     One step a probe (the optimizer's state exists already: the timed steps made it). A probe that
     runs out of memory calls ``reset`` (the gradients it left are dropped) and counts as too long; any
     other error ends the search and is recorded (``error``). ``upper_bound``: the shortest length
-    that did not fit (None: none was found in the budget); ``complete``: the bracket was closed."""
+    that did not fit (None: none was found in the budget); ``complete``: the bracket was closed.
+    ``graphs`` (optional): the number of graphs compiled so far, recorded after each probe, so that
+    a probe that recompiled shows."""
     import torch
 
     t0 = time.time()
@@ -506,7 +524,7 @@ def max_seq(step, vocab: int, start: int, device: str, budget_s: float, reset=No
             if reset is not None:
                 reset()
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        probes.append({"seq": seq, "fits": ok, "s": round(time.time() - t, 1)})
+        probes.append({"seq": seq, "fits": ok, "s": round(time.time() - t, 1), **({"graphs": graphs()} if graphs else {})})
         return ok
 
     def done(lo, hi):
@@ -591,10 +609,16 @@ def markdown(result: dict) -> str:
         lines += ["", "max seq: the longest sequence that trained at batch 1 (one step a probe; `a-b`: fits at a, not at b, "
                   "the search's time ran out between them; `>= a`: nothing failed in the time)"]
         for name, ms in searched.items():
-            probes = ", ".join(f"{p['seq']} {'ok' if p['fits'] else 'OOM'} ({p['s']:.0f} s)" for p in ms.get("probes", []))
+            probes = ", ".join(f"{p['seq']} {'ok' if p['fits'] else 'OOM'} ({p['s']:.0f} s"
+                               + (f", {p['graphs']} graphs" if p.get("graphs") is not None else "") + ")" for p in ms.get("probes", []))
             run = f" (run {ms['run']})" if ms.get("run") else ""
             error = f"; stopped by {' '.join(ms['error'].split())[:240]}" if ms.get("error") else ""
             lines.append(f"- {name}{run}: {_max_seq_cell(ms)} in {ms.get('search_s', 0):.0f} s: {probes}{error}")
+            if ms.get("per_graph"):
+                lines.append("  - fused, by graph: " + "; ".join(
+                    f"{i}: " + (", ".join(f"{k} {n}" for k, n in sorted(g.items())) or "nothing") for i, g in enumerate(ms["per_graph"])))
+            lines += [f"  - skipped: {x}" for x in ms.get("skipped", [])[:6]]
+            lines += [f"  - recompiled: {x[:200]}" for x in ms.get("recompiles", [])[:4]]
     for name, r in ok.items():
         if r.get("fused") is not None:
             fused = ", ".join(f"{k} {n}" for k, n in sorted(r["fused"].items())) or "nothing"

@@ -181,3 +181,25 @@ def test_timeline_finds_where_the_gpu_waits_and_what_the_host_ran():
                                       "status": "ok", "tokens_per_s": 1.0, "peak_gib": 1.0, "step_ms": 1.0,
                                       "profile": {"gpu_ms_per_step": 0.5, "slothc_kernels_ms": 0.1, "top": [], "timeline": t}}}})
     assert "slothc timeline: 4 kernels a step" in table and "1000 us after `attn`, before `gemm`" in table
+
+
+def test_max_seq_search_records_the_graphs_compiled_after_each_probe():
+    """A probe that recompiled shows: the graph count after each probe, and the table prints it with
+    what each graph fused, what was skipped and why Dynamo recompiled."""
+    compiled = [1]
+
+    def step(ids):
+        if ids.shape[1] == 16384:  # this length recompiles
+            compiled[0] += 1
+        if ids.shape[1] > 20000:
+            raise __import__("torch").OutOfMemoryError("too long")
+
+    ms = train_bench.max_seq(step, vocab=8, start=4096, device="cpu", budget_s=60, graphs=lambda: compiled[0])
+    assert [p["graphs"] for p in ms["probes"]][:4] == [1, 1, 2, 2]
+    ms.update(per_graph=[{"rms_norm": 5}, {"rms_norm": 5, "causal_mask": 2}], skipped=["graph 1: rope: why"],
+              recompiles=["tensor 'ids' size mismatch at index 1"])
+    result = {"workload": {"name": "x", "description": "d"}, "device": "dev", "versions": {}, "date": "d", "steps": 1, "warmup": 1,
+              "variants": {"slothc": {"status": "ok", "tokens_per_s": 1.0, "peak_gib": 1.0, "max_seq": ms}}}
+    table = train_bench.markdown(result)
+    assert "16384 ok (0 s, 2 graphs)" in table and "fused, by graph: 0: rms_norm 5; 1: causal_mask 2, rms_norm 5" in table
+    assert "skipped: graph 1: rope: why" in table and "recompiled: tensor 'ids' size mismatch at index 1" in table

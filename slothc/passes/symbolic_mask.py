@@ -15,7 +15,14 @@ size when its last two dimensions vary over index variables ``q`` and ``kv`` who
 query's and key's lengths (one symbol: no cache), it varies over no other dimension, and its element
 simplifies to exactly ``kv <= q``.
 
-Only the ops listed in ``_OPS`` are interpreted; anything else (a sliding window's ``>`` with a
+At batch size 1 transformers also ANDs in its packed-sequence term, built from the position ids
+(``diff`` of them, ``!= 1``, ``cumsum``, then ``seq[b, q] == seq[b, kv]``); where the position ids
+are the graph's own ``arange`` (the caller passed none: one sequence) every step of it is interpreted
+too: the ``diff`` of ``i + c`` is 1 at every index (its first element against the ``prepend``
+included), so nothing starts a new sequence and the term is true. Position ids that are a graph input
+(padding-free packing) are not interpreted, so such a mask is not proved.
+
+Only the ops interpreted in ``_Interpreter._run`` are; anything else (a sliding window's ``>`` with a
 size, a padding mask indexed by a graph input, vmap-built masks, floats) is not proved, and the caller
 keeps its reason ("dynamic sizes"). A proof here is a proof: no size is sampled.
 """
@@ -106,16 +113,27 @@ _COMPARE = {
     operator.gt: lambda a, b: sympy.Lt(b, a), torch.gt: lambda a, b: sympy.Lt(b, a),
     torch.Tensor.gt: lambda a, b: sympy.Lt(b, a), "gt": lambda a, b: sympy.Lt(b, a),
 }
+_COMPARE.update({operator.eq: sympy.Eq, torch.eq: sympy.Eq, torch.Tensor.eq: sympy.Eq, "eq": sympy.Eq,
+                 operator.ne: sympy.Ne, torch.ne: sympy.Ne, torch.Tensor.ne: sympy.Ne, "ne": sympy.Ne})
 _ARITH = {operator.add: operator.add, torch.add: operator.add, "add": operator.add,
           operator.sub: operator.sub, torch.sub: operator.sub, "sub": operator.sub}
 _LOGIC = {operator.and_: sympy.And, torch.logical_and: sympy.And, "logical_and": sympy.And, "__and__": sympy.And,
           operator.or_: sympy.Or, torch.logical_or: sympy.Or, "logical_or": sympy.Or, "__or__": sympy.Or}
 
 
-def _index(x: _Sym, key) -> _Sym:
-    """``x[key]`` for a key of ``None`` and full slices (the broadcasting spellings)."""
+def _index(x: _Sym, key, ranges: dict) -> _Sym:
+    """``x[key]`` for a key of ``None``, full slices, ``...`` and ``:1`` (the first element), or of
+    index tensors only (advanced indexing, as transformers' mask functions read position ids)."""
     key = key if isinstance(key, tuple) else (key,)
-    dims, sizes, i = [], [], 0
+    if key and all(isinstance(k, _Sym) for k in key):
+        return _gather(x, key, ranges)
+    if sum(k is Ellipsis for k in key) > 1:
+        raise NotProved("two ellipses")
+    if Ellipsis in key:
+        at = key.index(Ellipsis)
+        rest = len(x.dims) - (len([k for k in key if k is not None]) - 1)
+        key = key[:at] + (slice(None, None, None),) * rest + key[at + 1:]
+    dims, sizes, i, expr = [], [], 0, x.expr
     for k in key:
         if k is None:
             dims.append(None)
@@ -124,11 +142,65 @@ def _index(x: _Sym, key) -> _Sym:
             dims.append(x.dims[i])
             sizes.append(x.sizes[i])
             i += 1
+        elif isinstance(k, slice) and k.start in (None, 0) and k.stop == 1 and k.step in (None, 1):
+            if x.dims[i] is not None:  # the element at index 0 of that dimension
+                expr = expr.subs(x.dims[i], 0)
+            dims.append(None)
+            sizes.append(sympy.Integer(1))
+            i += 1
         else:
             raise NotProved(f"index {k!r}")
     dims += x.dims[i:]
     sizes += x.sizes[i:]
-    return _Sym(x.expr, tuple(dims), tuple(sizes))
+    return _Sym(expr, tuple(dims), tuple(sizes))
+
+
+def _gather(x: _Sym, index: tuple, ranges: dict) -> _Sym:
+    """``x[i0, i1, ..]`` with an index tensor for each leading dimension: the element of ``x`` at the
+    indices' elements. Each index must be a bare index variable whose range is that dimension's
+    size (so every index is in bounds); the result broadcasts the indices' shapes."""
+    if len(index) > len(x.dims):
+        raise NotProved("more indices than dimensions")
+    expr, shape = x.expr, index[0]
+    for d, ix in enumerate(index):
+        var = sympy.simplify(ix.expr)
+        if not (isinstance(var, sympy.Symbol) and var in ranges and sympy.simplify(ranges[var] - x.sizes[d]) == 0):
+            raise NotProved("an index that is not an arange over the whole dimension")
+        if x.dims[d] is not None:
+            expr = expr.subs(x.dims[d], var)
+        if d:
+            dims, sizes = _broadcast(shape, ix)
+            shape = _Sym(shape.expr, dims, sizes)
+    if len(index) < len(x.dims):
+        raise NotProved("advanced indexing of some dimensions only")
+    return _Sym(expr, shape.dims, shape.sizes)
+
+
+def _diff(x: _Sym, prepend: Optional[_Sym], dim: int) -> _Sym:
+    """``torch.diff(x, dim=-1, prepend=p)`` with ``p`` of size 1 in that dimension: element ``j`` is
+    ``x[j] - x[j-1]`` and element 0 is ``x[0] - p``; interpreted where both are one expression."""
+    if dim not in (-1, len(x.dims) - 1) or prepend is None or not x.dims:
+        raise NotProved("diff other than over the last dimension with a prepend")
+    if prepend.sizes[-1] != 1 or prepend.dims[-1] is not None or len(prepend.dims) != len(x.dims):
+        raise NotProved("a prepend of more than one element")
+    i = x.dims[-1]
+    if i is None:
+        raise NotProved("diff over a broadcast dimension")
+    step = sympy.simplify(x.expr - x.expr.subs(i, i - 1))
+    first = sympy.simplify(x.expr.subs(i, 0) - prepend.expr)
+    if sympy.simplify(step.subs(i, 0) - first) != 0:
+        raise NotProved("the first difference is not like the others")
+    dims, _ = _broadcast(x, prepend)
+    return _Sym(step, dims, x.sizes)
+
+
+def _cumsum(x: _Sym, dim: int) -> _Sym:
+    """``cumsum`` over the last dimension of a tensor that is zero (false) everywhere: zero."""
+    if dim not in (-1, len(x.dims) - 1):
+        raise NotProved("cumsum other than over the last dimension")
+    if x.expr not in (sympy.false, sympy.Integer(0)):
+        raise NotProved("cumsum of a tensor that is not zero everywhere")
+    return _Sym(sympy.Integer(0), x.dims, x.sizes)
 
 
 def _expand(x: _Sym, *shape) -> _Sym:
@@ -196,7 +268,21 @@ class _Interpreter:
         if t in _LOGIC and not kwargs:
             return _binary(_LOGIC[t])(*args)
         if t is operator.getitem and isinstance(args[0], _Sym):
-            return _index(args[0], args[1])
+            return _index(args[0], args[1], self.ranges)
+        if t in ("unsqueeze", torch.Tensor.unsqueeze, torch.unsqueeze) and isinstance(args[0], _Sym) and not kwargs:
+            x, d = args[0], args[1]
+            d = d + len(x.dims) + 1 if d < 0 else d
+            return _Sym(x.expr, x.dims[:d] + (None,) + x.dims[d:], x.sizes[:d] + (sympy.Integer(1),) + x.sizes[d:])
+        if t in ("new_ones", torch.Tensor.new_ones) and len(args) == 2 and tuple(args[1]) == () and kwargs.get("dtype") is torch.bool:
+            return _Sym(sympy.true, (), ())  # a 0-dim True: the start of transformers' AND of mask terms
+        if t in ("to", torch.Tensor.to) and isinstance(args[0], _Sym) and not kwargs \
+                and all(isinstance(a, (torch.device, str)) for a in args[1:]):
+            return args[0]  # a move to a device: the values are the same
+        if t is torch.diff and isinstance(args[0], _Sym) and len(args) == 1 and set(kwargs) <= {"prepend", "dim", "n"} \
+                and kwargs.get("n", 1) == 1 and isinstance(kwargs.get("prepend"), _Sym):
+            return _diff(args[0], kwargs["prepend"], kwargs.get("dim", -1))
+        if t in ("cumsum", torch.Tensor.cumsum, torch.cumsum) and isinstance(args[0], _Sym) and len(args) == 2 and not kwargs:
+            return _cumsum(args[0], args[1])
         if t in ("expand", torch.Tensor.expand) and isinstance(args[0], _Sym) and not kwargs:
             return _expand(args[0], *args[1:])
         if t in ("bool", torch.Tensor.bool) and isinstance(args[0], _Sym) and _boolean(args[0].expr):
@@ -214,6 +300,11 @@ def proves_causal(mask: Node, q_len, kv_len) -> bool:
         return False
     if not isinstance(m, _Sym) or len(m.dims) < 2 or not _boolean(m.expr):
         return False
+    expr = m.expr
+    for d in m.dims[:-2]:  # a leading dimension over an arange of one element (batch 1) is index 0
+        if d is not None and interp.ranges.get(d) == 1:
+            expr = expr.subs(d, 0)
+    m = _Sym(expr, tuple(None if d is not None and interp.ranges.get(d) == 1 else d for d in m.dims[:-2]) + m.dims[-2:], m.sizes)
     q, kv = m.dims[-2], m.dims[-1]
     if q is None or kv is None or q == kv or any(d is not None for d in m.dims[:-2]):
         return False

@@ -178,6 +178,25 @@ def _arange(n, q):
     return torch.arange(n, device=q.device)
 
 
+def _packed(pos_fn, prepend=lambda first: first - 1, starts=lambda diff: diff.ne(1)):
+    """transformers' mask at batch size 1 (masking_utils, as Dynamo traces it): causal over the
+    position ids, ANDed with its packed-sequence term (a new sequence wherever the position ids do not
+    step by 1), that term's ids from ``pos_fn(n, q)``; ``prepend``: the value put before the first id
+    (transformers: one below it); ``starts``: where a sequence starts, from the differences
+    (transformers: where they are not 1). Literals, not a closure's int, which Dynamo would make a size."""
+
+    def mask_fn(n, q):
+        pos = pos_fn(n, q).unsqueeze(0)
+        seq = starts(torch.diff(pos, prepend=prepend(pos[..., :1]), dim=-1)).cumsum(-1)
+        b = torch.arange(1, device=q.device)[:, None, None, None]
+        qi, ki = _arange(n, q)[None, None, :, None], _arange(n, q)[None, None, None, :]
+        ids = (_arange(n, q) + 0).unsqueeze(0).expand(1, -1)  # the causal term over the graph's own positions
+        mask = qi.new_ones((), dtype=torch.bool) & (ids[b, ki] <= ids[b, qi]).to(q.device) & (seq[b, qi] == seq[b, ki]).to(q.device)
+        return mask.expand(1, -1, n, n)
+
+    return mask_fn
+
+
 @pytest.mark.parametrize(
     "name, mask_fn, proved",
     [
@@ -191,6 +210,13 @@ def _arange(n, q):
          & (_arange(n, q)[None, :] > _arange(n, q)[:, None] - 3), False),
         ("shifted", lambda n, q: _arange(n, q)[None, :] <= _arange(n, q)[:, None] + 1, False),
         ("tril", lambda n, q: torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), False),  # not interpreted
+        # batch size 1: the packed-sequence term over the graph's own position ids (one sequence)
+        ("packed_term_one_sequence", _packed(lambda n, q: _arange(n, q) + 0), True),
+        # a first difference unlike the others: the diff's rule refuses it (conservative: that mask is
+        # causal still, every token in sequence 1)
+        ("packed_term_first_step_2", _packed(lambda n, q: _arange(n, q) + 0, prepend=lambda first: first - 2), False),
+        # every token starts a sequence (differences of 1 != 2): a diagonal mask (the cumsum's rule refuses it)
+        ("packed_term_every_token_a_sequence", _packed(lambda n, q: _arange(n, q) + 0, starts=lambda diff: diff.ne(2)), False),
     ],
 )
 def test_dynamic_sizes_causal_mask_is_proved_for_every_size(name, mask_fn, proved):
@@ -238,6 +264,42 @@ def test_a_second_length_recompiles_with_symbolic_sizes_and_stays_causal(like_51
     assert report.graphs == 2 and [g.get("causal_mask") for g in report.per_graph()] == [2, 2], str(report)
     assert [g.get("rms_norm") for g in report.per_graph()] == [5, 5], str(report)
     assert not [s for s in report.skipped if s.fusion == "causal_mask"], str(report)
+
+
+def test_batch_size_one_with_its_packed_sequence_term_is_proved_for_every_size(like_517):
+    """Batch 2, then batch 1 at two lengths (the longest-sequence search's probes; batch 1 is also
+    how many fine-tunes run): at batch 1 transformers ANDs its packed-sequence check into the mask.
+    Its position ids are the graph's own arange, so the dynamic graph's mask is still proved causal
+    (on the H200 it was not: an explicit [S, S] mask, a recompile when S * S passed 2**31, and out of
+    memory at 131072 tokens); every loss is eager's."""
+    model = _model()
+    report = slothc.Report()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="slothc", options={"inner": "aot_eager", "report": report})
+        for batch, seq in ((2, 12), (1, 20), (1, 28)):
+            b = tiny.sample_batch(model.config, batch=batch, seq=seq)
+            del b["attention_mask"]
+            torch.testing.assert_close(compiled(**b).loss, model(**b).loss)
+    finally:
+        torch._dynamo.reset()
+    assert report.graphs == 2 and [g.get("causal_mask") for g in report.per_graph()] == [2, 2], str(report)
+    assert not [s for s in report.skipped if s.fusion == "causal_mask"], str(report)
+
+
+def test_a_packed_sequence_term_over_input_position_ids_is_not_proved():
+    """Padding-free packing: the position ids restart at each sequence and come in as a graph input,
+    which the proof does not read, so the block-diagonal mask is kept; the output is eager's."""
+
+    def fn(q, k, v, position_ids):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_packed(lambda n, q: position_ids[0])(q.shape[-2], q))
+
+    q, k, v = (torch.randn(1, 3, 12, 16) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    report, graphs, out = _capture(fn, q, k, v, pos, dynamic=True)
+    torch.testing.assert_close(out, fn(q, k, v, pos))
+    assert report.count("causal_mask") == 0 and [s.fusion for s in report.skipped] == ["causal_mask"], str(report)
+    assert all(n.kwargs.get("attn_mask") is not None for n in _sdpa_calls(graphs[0]))
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
