@@ -5,9 +5,10 @@
     slothc bench --workload tiny --device cpu               # a CPU smoke run (what CI runs)
 
 One step = forward, backward and an AdamW step on the adapters, under bf16 autocast with fp32
-adapters (PEFT's default, how HF's Trainer runs ``bf16=True``). ``--optimizer``: ``foreach``
-(default; ``torch.optim.AdamW``'s default, what the committed tables used) or ``fused`` (one
-kernel; HF's Trainer's default ``adamw_torch_fused`` with torch >= 2.8), the same for every variant. The model is built from a config
+adapters (PEFT's default, how HF's Trainer runs ``bf16=True``). ``--optimizer``: ``fused``
+(default since 2026-12-02: HF's Trainer's default ``adamw_torch_fused`` with torch >= 2.8) or
+``foreach`` (``torch.optim.AdamW``'s default, what the tables of 2026-12-01 used: it costs the
+variants without CUDA graphs host time, Unsloth's step of (a) 11%), the same for every variant. The model is built from a config
 with random weights (no download), saved once to a folder, and every variant loads that folder in
 **its own process** (so that the memory figures do not mix), with the same seed and the same
 batches (random tokens from a fixed generator).
@@ -311,7 +312,7 @@ def _batches(vocab: int, batch: int, seq: int, n: int, device: str):
     return [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(n)]
 
 
-def _stepper(run, model, device, cudagraphs: bool, optimizer: str = "foreach"):
+def _stepper(run, model, device, cudagraphs: bool, optimizer: str = "fused"):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -660,8 +661,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default cuda when there is one")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
-    p.add_argument("--optimizer", default="foreach", choices=("foreach", "fused"),
-                   help="AdamW's implementation, the same for every variant (default foreach; fused: HF Trainer's default)")
+    p.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
+                   help="AdamW's implementation, the same for every variant (default fused: HF Trainer's default)")
     p.add_argument("--max-seq", action="store_true", help="also search the longest sequence at batch 1")
     p.add_argument("--max-seq-budget-s", type=float, default=240.0, help="time of the search, a variant (default 240 s)")
     p.add_argument("--max-seq-resolution", type=float, default=0.125,
