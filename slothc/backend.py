@@ -37,6 +37,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
 
     passes.run(gm, opts, report, graph_index=report.graphs)
     report.graphs += 1
+    report.compiles.append(_compile_id())
     if _inside_ddp():
         if DDP_PIECES not in report.notes:
             report.notes.append(DDP_PIECES)
@@ -63,17 +64,43 @@ DDP_PIECES = (
 
 
 GRAPH_BREAKS = "graphs: Dynamo split the model at graph breaks"
+RECOMPILES = "Dynamo compiled a piece again"
+
+
+def _compile_id():
+    """Dynamo's (frame id, compile of that frame) of the graph being compiled, or None outside Dynamo."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001  (an older torch: no ids, every graph counts as a piece)
+        return None
+    if cid is None or getattr(cid, "frame_id", None) is None:
+        return None
+    return (cid.frame_id, cid.frame_compile_id)
 
 
 def _note_graph_breaks(report: Report) -> None:
     """The report says that code between the graphs runs eagerly (neither fused nor reported), and
-    why Dynamo broke there, as far as its counters tell (they count for the whole process)."""
-    reasons = torch._dynamo.utils.counters.get("graph_break", {})
-    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
-    why = "; ".join(f"{' '.join(str(r).split())[:160]} (x{n})" for r, n in top)
-    note = (f"{report.graphs} {GRAPH_BREAKS}: the code between the graphs runs eagerly, neither fused nor reported here"
-            + (f". Breaks Dynamo recorded in this process: {why}" if why else "") + " (TORCH_LOGS=graph_breaks shows where)")
-    report.notes[:] = [n for n in report.notes if GRAPH_BREAKS not in n] + [note]
+    why Dynamo broke there, as far as its counters tell (they count for the whole process); graphs
+    that are a second compile of one frame (new input shapes, e.g. the dynamic-size graph after a
+    second sequence length) are recompiles, not breaks, and the note says so."""
+    known = [c for c in report.compiles if c is not None]
+    unknown = len(report.compiles) - len(known)
+    pieces = len({frame for frame, _ in known}) + unknown
+    recompiles = report.graphs - pieces
+    notes = [n for n in report.notes if GRAPH_BREAKS not in n and RECOMPILES not in n]
+    if pieces > 1:
+        reasons = torch._dynamo.utils.counters.get("graph_break", {})
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        why = "; ".join(f"{' '.join(str(r).split())[:160]} (x{n})" for r, n in top)
+        notes.append(f"{pieces} {GRAPH_BREAKS}: the code between the graphs runs eagerly, neither fused nor reported here"
+                     + (f". Breaks Dynamo recorded in this process: {why}" if why else "") + " (TORCH_LOGS=graph_breaks shows where)")
+    if recompiles > 0:
+        notes.append(f"{recompiles} of the {report.graphs} graphs: {RECOMPILES} (new input sizes, e.g. the dynamic-size graph "
+                     "after a second sequence length, or another failed guard; TORCH_LOGS=recompiles shows why); each graph is "
+                     "fused and reported on its own")
+    report.notes[:] = notes
 
 
 def _inside_ddp() -> bool:

@@ -47,6 +47,9 @@ class Report:
     skipped: list = dataclasses.field(default_factory=list)
     graphs: int = 0
     notes: list = dataclasses.field(default_factory=list)  # e.g. fallbacks of the whole graph
+    # per graph, Dynamo's (frame id, compile of that frame) where known: a second compile of one frame
+    # is a recompile (new shapes, a failed guard), another frame is a piece after a graph break
+    compiles: list = dataclasses.field(default_factory=list)
 
     def count(self, fusion: str) -> int:
         return len(self.fused.get(fusion, ()))

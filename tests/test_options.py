@@ -152,3 +152,18 @@ def test_graph_breaks_are_a_note_with_their_reason():
     assert report.graphs == 2 and note.startswith("2 graphs: Dynamo split the model at graph breaks"), report.notes
     assert "graph_break" in note  # the reason Dynamo recorded names the call
     assert "2 graphs" in str(report)
+
+
+def test_a_recompile_is_a_note_of_its_own_not_a_graph_break():
+    """A second input size compiles the same frame again (the dynamic-size graph): the report says
+    recompile, and does not call it a graph break."""
+    torch._dynamo.reset()
+    report = slothc.Report()
+    f = torch.compile(torch.nn.Linear(8, 8), backend="slothc", options={"report": report, "inner": "eager"})
+    for n in (2, 3, 5):
+        f(torch.randn(n, 8))
+    torch._dynamo.reset()
+    assert report.graphs == 2, str(report)
+    assert not [n for n in report.notes if "graph breaks" in n], report.notes
+    (note,) = [n for n in report.notes if "compiled a piece again" in n]
+    assert note.startswith("1 of the 2 graphs: Dynamo compiled a piece again"), note
