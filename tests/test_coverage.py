@@ -224,3 +224,14 @@ def test_norm_candidates_are_norms_not_their_wrappers_nor_their_scales():
     model, x = Model(), torch.randn(2, 8)
     model.config = type("Config", (), {})()
     assert coverage._candidates(model, lambda: model(x))["norm"] == 1
+
+
+def test_a_skipped_site_keeps_a_row_from_fully_fused():
+    """Counts summed over many graphs can pass the candidates while a graph skips a site (the MoE
+    families under transformers 5.17): a norm, RoPE, LoRA or loss skip decides; a causal-mask or
+    4-bit skip does not."""
+    counts = dict.fromkeys(coverage.KINDS, 2)
+    assert coverage.fully_fused(counts, counts, ["causal_mask: the mask reads a graph input", "qlora_linear: x"])
+    assert not coverage.fully_fused(counts, counts, ["lora_linear: low-rank branch not in PEFT's plain LoRA form"])
+    assert not coverage.fully_fused(counts, counts, ["rms_norm: why"])
+    assert not coverage.fully_fused({**counts, "norm": 1}, counts, [])
