@@ -203,3 +203,30 @@ def test_max_seq_search_records_the_graphs_compiled_after_each_probe():
     table = train_bench.markdown(result)
     assert "16384 ok (0 s, 2 graphs)" in table and "fused, by graph: 0: rms_norm 5; 1: causal_mask 2, rms_norm 5" in table
     assert "skipped: graph 1: rope: why" in table and "recompiled: tensor 'ids' size mismatch at index 1" in table
+
+
+@pytest.mark.parametrize("guard_filter", ["none", "nn_modules"])
+def test_guard_filter_skips_the_guards_on_module_attributes(guard_filter):
+    """``--guard-filter nn_modules`` reaches torch.compile: a module attribute changed after the
+    compile then goes unseen (no recompile, the old value); without it Dynamo recompiles."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = torch.nn.Linear(4, 4), 2.0
+
+        def forward(self, input_ids):
+            return self.lin(input_ids) * self.scale
+
+    torch._dynamo.reset()
+    model, x = Scaled(), torch.randn(2, 4)
+    run, report = train_bench._compile(model, "slothc", guard_filter)
+    try:
+        first = run(x)
+        model.scale = 3.0
+        second = run(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(second, first * (1.0 if guard_filter == "nn_modules" else 1.5))
+    assert report.graphs == (1 if guard_filter == "nn_modules" else 2), str(report)
