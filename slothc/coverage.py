@@ -69,13 +69,6 @@ KINDS = ("norm", "rope", "lora", "mlp", "loss")
 # fusions whose skipped sites keep a row from "fully fused" (the 4-bit pass's skips do not: the
 # coverage models are bf16, where what it looks at is no 4-bit linear)
 SITE_FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "linear_cross_entropy")
-
-
-def fully_fused(fused: dict, candidates: dict, skipped: list) -> bool:
-    """Every norm, LoRA and loss site fused, RoPE where there is one, and none of them skipped
-    (``skipped``: the row's ``"fusion: reason"`` strings)."""
-    counts = all(fused[k] >= candidates[k] for k in ("norm", "lora", "loss")) and (candidates["rope"] == 0 or fused["rope"] >= candidates["rope"])
-    return counts and not any(s.split(":", 1)[0] in SITE_FUSIONS for s in skipped)
 NOT_TEXT = "not a text decoder"  # the status of an excluded architecture (module docstring)
 K = 4.0  # slothc's error may be this many times eager's (plus the floor): the e2e tests' bound
 
@@ -177,6 +170,13 @@ def _fused(report) -> dict:
         "mlp": report.count("mlp"),
         "loss": report.count("linear_cross_entropy"),
     }
+
+
+def fully_fused(fused: dict, candidates: dict, skipped: list) -> bool:
+    """Every norm, LoRA and loss site fused, RoPE where there is one, and none of them skipped
+    (``skipped``: the row's ``"fusion: reason"`` strings)."""
+    counts = all(fused[k] >= candidates[k] for k in ("norm", "lora", "loss")) and (candidates["rope"] == 0 or fused["rope"] >= candidates["rope"])
+    return counts and not any(s.split(":", 1)[0] in SITE_FUSIONS for s in skipped)
 
 
 def _step(model, batch, fp64=False):

@@ -297,7 +297,7 @@ def _compile(model, variant: str, guard_filter: str = "none"):
 
     extra = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if guard_filter == "nn_modules" else {}
     if variant == "inductor":
-        return torch.compile(model, options=dict(extra) or None), None
+        return torch.compile(model, options=extra or None), None
     if variant.startswith("slothc"):
         import slothc
 
@@ -704,12 +704,11 @@ def merge(results: list) -> dict:
     devices = {r["device"] for r in results}
     if len(devices) != 1:
         raise ValueError(f"merge: results of one device expected, got {sorted(devices)}")
-    optimizers = {r.get("optimizer", "foreach") for r in results}  # files before --optimizer: foreach
-    if len(optimizers) != 1:
-        raise ValueError(f"merge: results of one optimizer expected (every variant's step must be the same), got {sorted(optimizers)}")
-    filters = {r.get("guard_filter", "none") for r in results}
-    if len(filters) != 1:
-        raise ValueError(f"merge: results of one --guard-filter expected, got {sorted(filters)}")
+    # every variant's step must be the same; files from before a flag ran with its first value
+    for key, before, what in (("optimizer", "foreach", "one optimizer"), ("guard_filter", "none", "one --guard-filter")):
+        seen = {r.get(key, before) for r in results}
+        if len(seen) != 1:
+            raise ValueError(f"merge: results of {what} expected (every variant's step must be the same), got {sorted(seen)}")
     merged = dict(results[0], variants={}, runs=[])
     for i, r in enumerate(results):
         run = f"{i + 1}: {r.get('git_sha') or 'unknown'}"

@@ -112,9 +112,9 @@ _COMPARE = {
     torch.Tensor.ge: lambda a, b: sympy.Le(b, a), "ge": lambda a, b: sympy.Le(b, a),
     operator.gt: lambda a, b: sympy.Lt(b, a), torch.gt: lambda a, b: sympy.Lt(b, a),
     torch.Tensor.gt: lambda a, b: sympy.Lt(b, a), "gt": lambda a, b: sympy.Lt(b, a),
+    operator.eq: sympy.Eq, torch.eq: sympy.Eq, torch.Tensor.eq: sympy.Eq, "eq": sympy.Eq,
+    operator.ne: sympy.Ne, torch.ne: sympy.Ne, torch.Tensor.ne: sympy.Ne, "ne": sympy.Ne,
 }
-_COMPARE.update({operator.eq: sympy.Eq, torch.eq: sympy.Eq, torch.Tensor.eq: sympy.Eq, "eq": sympy.Eq,
-                 operator.ne: sympy.Ne, torch.ne: sympy.Ne, torch.Tensor.ne: sympy.Ne, "ne": sympy.Ne})
 _ARITH = {operator.add: operator.add, torch.add: operator.add, "add": operator.add,
           operator.sub: operator.sub, torch.sub: operator.sub, "sub": operator.sub}
 _LOGIC = {operator.and_: sympy.And, torch.logical_and: sympy.And, "logical_and": sympy.And, "__and__": sympy.And,
@@ -159,8 +159,8 @@ def _gather(x: _Sym, index: tuple, ranges: dict) -> _Sym:
     """``x[i0, i1, ..]`` with an index tensor for each leading dimension: the element of ``x`` at the
     indices' elements. Each index must be a bare index variable whose range is that dimension's
     size (so every index is in bounds); the result broadcasts the indices' shapes."""
-    if len(index) > len(x.dims):
-        raise NotProved("more indices than dimensions")
+    if len(index) != len(x.dims):
+        raise NotProved("advanced indexing of other than every dimension")
     expr, shape = x.expr, index[0]
     for d, ix in enumerate(index):
         var = sympy.simplify(ix.expr)
@@ -171,15 +171,13 @@ def _gather(x: _Sym, index: tuple, ranges: dict) -> _Sym:
         if d:
             dims, sizes = _broadcast(shape, ix)
             shape = _Sym(shape.expr, dims, sizes)
-    if len(index) < len(x.dims):
-        raise NotProved("advanced indexing of some dimensions only")
     return _Sym(expr, shape.dims, shape.sizes)
 
 
-def _diff(x: _Sym, prepend: Optional[_Sym], dim: int) -> _Sym:
+def _diff(x: _Sym, prepend: _Sym, dim: int) -> _Sym:
     """``torch.diff(x, dim=-1, prepend=p)`` with ``p`` of size 1 in that dimension: element ``j`` is
     ``x[j] - x[j-1]`` and element 0 is ``x[0] - p``; interpreted where both are one expression."""
-    if dim not in (-1, len(x.dims) - 1) or prepend is None or not x.dims:
+    if dim not in (-1, len(x.dims) - 1) or not x.dims:
         raise NotProved("diff other than over the last dimension with a prepend")
     if prepend.sizes[-1] != 1 or prepend.dims[-1] is not None or len(prepend.dims) != len(x.dims):
         raise NotProved("a prepend of more than one element")
@@ -300,11 +298,8 @@ def proves_causal(mask: Node, q_len, kv_len) -> bool:
         return False
     if not isinstance(m, _Sym) or len(m.dims) < 2 or not _boolean(m.expr):
         return False
-    expr = m.expr
-    for d in m.dims[:-2]:  # a leading dimension over an arange of one element (batch 1) is index 0
-        if d is not None and interp.ranges.get(d) == 1:
-            expr = expr.subs(d, 0)
-    m = _Sym(expr, tuple(None if d is not None and interp.ranges.get(d) == 1 else d for d in m.dims[:-2]) + m.dims[-2:], m.sizes)
+    single = [d for d in m.dims[:-2] if d is not None and interp.ranges.get(d) == 1]  # over an arange(1) (batch 1): index 0
+    m = _Sym(m.expr.subs({d: 0 for d in single}), tuple(None if d in single else d for d in m.dims[:-2]) + m.dims[-2:], m.sizes)
     q, kv = m.dims[-2], m.dims[-1]
     if q is None or kv is None or q == kv or any(d is not None for d in m.dims[:-2]):
         return False
