@@ -104,21 +104,29 @@ def _binary(fn):
     return op
 
 
-_COMPARE = {
-    operator.le: sympy.Le, torch.le: sympy.Le, torch.Tensor.le: sympy.Le, "le": sympy.Le,
-    operator.lt: sympy.Lt, torch.lt: sympy.Lt, torch.Tensor.lt: sympy.Lt, "lt": sympy.Lt,
+def _spellings(table: dict) -> dict:
+    """Every way a traced graph names each op: ``operator.le``, ``torch.le``, ``torch.Tensor.le``, the
+    method name ``"le"``, and the dunder method (``torch.Tensor.__le__``, ``"__le__"``: how torch 2.11's
+    Dynamo records ``a == b`` on tensors, where later versions record ``operator.eq``)."""
+    out = {}
+    for name, fn in table.items():
+        op = name.rstrip("_")  # and_, or_: operator's names; torch's are logical_and, __and__
+        for spelling in (getattr(operator, name, None), getattr(torch, name, None), getattr(torch.Tensor, name, None), name,
+                         getattr(torch, f"logical_{op}", None), f"logical_{op}" if op in ("and", "or") else None,
+                         getattr(torch.Tensor, f"__{op}__", None), f"__{op}__"):
+            if spelling is not None:
+                out[spelling] = fn
+    return out
+
+
+_COMPARE = _spellings({
+    "le": sympy.Le, "lt": sympy.Lt,
     # a >= b is b <= a: one form to compare against
-    operator.ge: lambda a, b: sympy.Le(b, a), torch.ge: lambda a, b: sympy.Le(b, a),
-    torch.Tensor.ge: lambda a, b: sympy.Le(b, a), "ge": lambda a, b: sympy.Le(b, a),
-    operator.gt: lambda a, b: sympy.Lt(b, a), torch.gt: lambda a, b: sympy.Lt(b, a),
-    torch.Tensor.gt: lambda a, b: sympy.Lt(b, a), "gt": lambda a, b: sympy.Lt(b, a),
-    operator.eq: sympy.Eq, torch.eq: sympy.Eq, torch.Tensor.eq: sympy.Eq, "eq": sympy.Eq,
-    operator.ne: sympy.Ne, torch.ne: sympy.Ne, torch.Tensor.ne: sympy.Ne, "ne": sympy.Ne,
-}
-_ARITH = {operator.add: operator.add, torch.add: operator.add, "add": operator.add,
-          operator.sub: operator.sub, torch.sub: operator.sub, "sub": operator.sub}
-_LOGIC = {operator.and_: sympy.And, torch.logical_and: sympy.And, "logical_and": sympy.And, "__and__": sympy.And,
-          operator.or_: sympy.Or, torch.logical_or: sympy.Or, "logical_or": sympy.Or, "__or__": sympy.Or}
+    "ge": lambda a, b: sympy.Le(b, a), "gt": lambda a, b: sympy.Lt(b, a),
+    "eq": sympy.Eq, "ne": sympy.Ne,
+})
+_ARITH = _spellings({"add": operator.add, "sub": operator.sub})
+_LOGIC = _spellings({"and_": sympy.And, "or_": sympy.Or})
 
 
 def _index(x: _Sym, key, ranges: dict) -> _Sym:
