@@ -240,6 +240,57 @@ def _mlp_{name}_bwd_kernel(
 {backward}
     tl.store(dg_ptr + row * n_cols + cols, (dh * u * df).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + row * n_cols + cols, (dh * f).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mlp_{name}_bwd_da_kernel(
+    dh_ptr,  # grad of h [n_rows, n_cols], unit column stride
+    g_ptr,  # gate, as in the forward
+    u_ptr,  # up, as in the forward
+    gl_ptr,  # G = s dY B of the down projection's adapters [n_rows, n_rank], unit column stride
+    dg_ptr,  # out: dh * u * act'(g) [n_rows, n_cols], contiguous (may be dh's buffer)
+    du_ptr,  # out: dh * act(g) [n_rows, n_cols], contiguous
+    part_ptr,  # out: this program's rows' G^T h, fp32 [n_splits, n_rank, n_cols]
+    stride_dh_row,
+    stride_g_row,
+    stride_u_row,
+    stride_gl_row,
+    n_rows,
+    n_cols,
+    n_rank,
+    rows_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """dg, du as _mlp_{name}_bwd_kernel, and the down projection's dA = G^T h from the same tiles: h is
+    recomputed in registers (rounded as the forward stored it), never written. Each program owns a
+    column block of rows_per_program rows; its partial G^T h goes to part_ptr[program_id(1)]."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    ranks = tl.arange(0, BLOCK_R)
+    rmask = ranks < n_rank
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    row0 = tl.program_id(1).to(tl.int64) * rows_per_program
+    for start in range(0, rows_per_program, BLOCK_M):
+        rows = row0 + start + tl.arange(0, BLOCK_M)
+        live = rows < n_rows
+        mask = live[:, None] & cmask[None, :]
+        dh = tl.load(dh_ptr + rows[:, None] * stride_dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows[:, None] * stride_u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+{backward_2d}
+        tl.store(dg_ptr + rows[:, None] * n_cols + cols[None, :], (dh * u * df).to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + rows[:, None] * n_cols + cols[None, :], (dh * f).to(du_ptr.dtype.element_ty), mask=mask)
+        h = tl.where(mask, f * u, 0.0).to(g_ptr.dtype.element_ty).to(gl_ptr.dtype.element_ty)
+        gl = tl.load(gl_ptr + rows[:, None] * stride_gl_row + ranks[None, :], mask=live[:, None] & rmask[None, :], other=0.0)
+        if DOT_FP32:  # fp32 inputs; and the interpreter, whose bf16 dot is wrong (exact products either way)
+            acc += tl.dot(tl.trans(gl).to(tl.float32), h.to(tl.float32), input_precision="ieee")
+        else:  # bf16/fp16 on the tensor cores, fp32 accumulation
+            acc += tl.dot(tl.trans(gl), h)
+    out = part_ptr + tl.program_id(1).to(tl.int64) * n_rank * n_cols + ranks[:, None] * n_cols + cols[None, :]
+    tl.store(out, acc, mask=rmask[:, None] & cmask[None, :])
 '''
 
 _TORCH_TEMPLATE = '''
@@ -285,6 +336,7 @@ class Activation:
             name=self.name,
             forward=p.block([self._forward_expr], ["f"], "    "),
             backward=p.block([self._forward_expr, self.derivative], ["f", "df"], "    "),
+            backward_2d=p.block([self._forward_expr, self.derivative], ["f", "df"], "        "),
         )
 
     @functools.cached_property
@@ -332,6 +384,10 @@ class Activation:
     @property
     def bwd_kernel(self):
         return self._triton_module[f"_mlp_{self.name}_bwd_kernel"]
+
+    @property
+    def bwd_da_kernel(self):
+        return self._triton_module[f"_mlp_{self.name}_bwd_da_kernel"]
 
 
 def _load(source: str, filename: str) -> dict:

@@ -230,6 +230,34 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     return outs, t
 
 
+def low_rank_grads(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n):
+    """``(G, [dB_i])`` of the backward (module docstring): ``G = [s_i dY_p B_i for every adapter i]``
+    [N, sum r] in ``lora_dtype`` (None without adapters), ``dB_i = s_i dY_p^T T_i``. ``dys``: each
+    projection's [N, M_p] gradient, or None where it got none. Called with autocast off."""
+    offsets = _offsets(lora_a)
+    dyls = [dy.to(lora_dtype) if dy is not None else None for dy in dys]
+    gs, db = [], []
+    for i, p in enumerate(adapter_proj):
+        dyl = dyls[p]
+        if dyl is None:  # the projection's output got no gradient
+            gs.append(t.new_zeros((n, lora_a[i].shape[0]), dtype=lora_dtype))
+            db.append(torch.zeros_like(lora_b[i]))
+            continue
+        gs.append(dyl @ _scaled_b(lora_b, scaling, i, lora_dtype))
+        t_i = t[:, offsets[i] : offsets[i + 1]]
+        if scaling[i] != 1.0:
+            # s dY^T T rounded once: the BLAS scales its fp32 accumulator (alpha; beta = 0
+            # ignores the uninitialised input), where the product rounded and then scaled would
+            # round twice (a bf16 ulp off eager's on a small sum; found on the GPU)
+            db_i = torch.empty((dyl.shape[1], t_i.shape[1]), dtype=lora_dtype, device=t.device)
+            torch.addmm(db_i, dyl.t(), t_i, beta=0, alpha=scaling[i], out=db_i)
+        else:
+            db_i = dyl.t() @ t_i
+        db.append(db_i.to(lora_b[i].dtype))
+    g_all = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)) if offsets[-1] else None
+    return g_all, db
+
+
 def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj, base_dtype, lora_dtype, out_dtype, need_dx,
                     split=False, need_dxa=False, x_dtype=None):
     """``(dX or None, dXa or None, [dA_i], [dB_i])`` of :func:`lora_linear_fwd` (module docstring).
@@ -247,27 +275,7 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
     fused = base_dtype == lora_dtype == out_dtype
     with _no_autocast(x):
         dys = [g.reshape(n, -1) if g is not None else None for g in grads]
-        dyls = [dy.to(lora_dtype) if dy is not None else None for dy in dys]
-        # G = [s_i dY_p B_i for every adapter i of every projection p], [N, sum r].
-        gs, db = [], []
-        for i, p in enumerate(adapter_proj):
-            dyl = dyls[p]
-            if dyl is None:  # the projection's output got no gradient
-                gs.append(x2.new_zeros((n, lora_a[i].shape[0]), dtype=lora_dtype))
-                db.append(torch.zeros_like(lora_b[i]))
-                continue
-            gs.append(dyl @ _scaled_b(lora_b, scaling, i, lora_dtype))
-            t_i = t[:, offsets[i] : offsets[i + 1]]
-            if scaling[i] != 1.0:
-                # s dY^T T rounded once: the BLAS scales its fp32 accumulator (alpha; beta = 0
-                # ignores the uninitialised input), where the product rounded and then scaled would
-                # round twice (a bf16 ulp off eager's on a small sum; found on the GPU)
-                db_i = torch.empty((dyl.shape[1], t_i.shape[1]), dtype=lora_dtype, device=t.device)
-                torch.addmm(db_i, dyl.t(), t_i, beta=0, alpha=scaling[i], out=db_i)
-            else:
-                db_i = dyl.t() @ t_i
-            db.append(db_i.to(lora_b[i].dtype))
-        g_all = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)) if r_total else None
+        g_all, db = low_rank_grads(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n)
         da = []
         if r_total:
             da_all = g_all.t() @ x2.to(lora_dtype)

@@ -13,9 +13,12 @@ to the backward. Here:
 - ``slothc::mlp_act(g, u, act)`` is ``h``, with a backward that recomputes ``act(g)`` from ``g``: it
   keeps ``g`` and ``u`` only;
 - ``slothc::mlp(g, u, act, <down projection>)`` also does the down projection (frozen ``W``, optional
-  LoRA adapters): it keeps ``g``, ``u`` and the small ``h A^T``, not ``h``; the backward recomputes
-  ``h`` (one elementwise kernel) for ``dA = s (dY B)^T h``, then ``dg, du`` are written over the
-  buffers of ``dh`` and of the recomputed ``h``, which are no longer needed.
+  LoRA adapters): it keeps ``g``, ``u`` and the small ``h A^T``, not ``h``. Its backward
+  (:func:`mlp_down_bwd`) is ``dh`` by cuBLAS, then one kernel that reads ``dh, g, u`` once, writes
+  ``dg, du`` and sums ``dA = s (dY B)^T h`` from the same tiles, ``h`` recomputed in registers and
+  never written. Where that kernel does not apply (dtypes that differ, more than 128 ranks), ``h``
+  is recomputed by the elementwise kernel for the GEMM ``dA``, and ``dg, du`` are written over the
+  buffers of ``dh`` and of the recomputed ``h``.
 - ``slothc::qlora_mlp`` is the same with a bitsandbytes 4-bit down projection (``slothc::qlora_linear``'s
   form): ``W`` is dequantised in the forward and again in the backward, and kept in neither.
 
@@ -30,13 +33,17 @@ from typing import Optional
 import torch
 
 from slothc.derive import activation as get_activation
-from slothc.kernels._launch import KERNEL_DTYPES, as_rows, cdiv, device_guard, use_triton
+from slothc.kernels._launch import KERNEL_DTYPES, as_rows, cdiv, device_guard, interpreting, next_power_of_2, num_sms, use_triton
 from slothc.kernels.lora_linear import _check as check_lora
-from slothc.kernels.lora_linear import fake_outputs, lora_linear_bwd, lora_linear_fwd
+from slothc.kernels.lora_linear import _mm_plus_low_rank, _no_autocast, _offsets, fake_outputs, lora_linear_bwd, lora_linear_fwd, low_rank_grads
 from slothc.kernels.qlora_linear import _Weights, _check_weights, weight_shapes
 
 _BLOCK_SIZE_N = 1024
 _NUM_WARPS = 4
+# The backward kernel that also makes the down projection's dA (mlp_down_bwd): tiles of rows x
+# columns, a few programs an SM; adapters of up to _MAX_DA_RANK ranks in all (G^T h in registers).
+_DA_BLOCK_M, _DA_BLOCK_N, _DA_NUM_WARPS, _DA_PROGRAMS_PER_SM = 32, 128, 4, 4
+_MAX_DA_RANK = 128
 
 
 def _use_kernel(g: torch.Tensor, u: torch.Tensor) -> bool:
@@ -103,6 +110,49 @@ def mlp_act_bwd(
             BLOCK_SIZE_N=_BLOCK_SIZE_N, num_warps=_NUM_WARPS,
         )
     return dg.view(g.shape), du.view(g.shape)
+
+
+def mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of the MLP tail without ``h``: ``dh = dY W + G A`` (cuBLAS,
+    the update in its epilogue), then one kernel reads ``dh, g, u`` once and writes ``dg`` (over dh's
+    buffer) and ``du``, and from the same tiles sums ``dA = G^T h`` with ``h`` recomputed in
+    registers. Where the recompute-then-GEMM path would write ``h`` (the intermediate size, 128 MiB
+    a layer at 8192 tokens x 8192 in bf16) and read it back, this writes nothing of it.
+
+    ``weights``: the down projection's one weight, made when read (``weights[0]``: the QLoRA op
+    dequantises there). None where this does not apply (no Triton, dtypes that differ, no adapters or
+    more than ``_MAX_DA_RANK`` ranks, no gradient), the weight not made: the caller runs the composed path."""
+    fused = base_dtype == lora_dtype == out_dtype == g.dtype
+    offsets = _offsets(lora_a)
+    r_total = offsets[-1]
+    if not (fused and _use_kernel(g, u) and 0 < r_total <= _MAX_DA_RANK and dy is not None and dy.dtype == g.dtype):
+        return None
+    _check(g, u)
+    a = get_activation(act)
+    g2, u2 = as_rows(g), as_rows(u)
+    n_rows, n_cols = g2.shape
+    with _no_autocast(g):
+        dy2 = dy.reshape(n_rows, -1)
+        gl, db = low_rank_grads([dy2], t, lora_a, lora_b, scaling, [0] * len(lora_a), lora_dtype, n_rows)
+        a_all = torch.cat([x.to(lora_dtype) for x in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
+        dh = _mm_plus_low_rank(dy2, weights[0].to(base_dtype), gl, a_all)  # [n_rows, n_cols], contiguous
+        du = torch.empty_like(dh)
+        col_blocks = cdiv(n_cols, _DA_BLOCK_N)
+        splits = max(1, min(cdiv(n_rows, _DA_BLOCK_M), cdiv(num_sms(g.device) * _DA_PROGRAMS_PER_SM, col_blocks)))
+        rows_per_program = cdiv(cdiv(n_rows, splits), _DA_BLOCK_M) * _DA_BLOCK_M
+        splits = cdiv(n_rows, rows_per_program)
+        part = torch.empty((splits, r_total, n_cols), dtype=torch.float32, device=g.device)
+        with device_guard(g):
+            a.bwd_da_kernel[(col_blocks, splits)](
+                dh, g2, u2, gl, dh, du, part, dh.stride(0), g2.stride(0), u2.stride(0), gl.stride(0), n_rows, n_cols, r_total,
+                rows_per_program, BLOCK_M=_DA_BLOCK_M, BLOCK_N=_DA_BLOCK_N, BLOCK_R=max(16, next_power_of_2(r_total)),
+                DOT_FP32=g.dtype == torch.float32 or interpreting(), num_warps=_DA_NUM_WARPS,
+            )
+        # one rounding of the fp32 sum to the adapters' product dtype, as the BLAS rounds G^T h
+        da_all = part.sum(0).to(lora_dtype)
+        copy = len(lora_a) > 1  # outputs of a custom op may not alias each other
+        da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
+    return [dh.view(g.shape), du.view(g.shape), *da, *db]
 
 
 @torch.library.custom_op("slothc::mlp_act", mutates_args=())
@@ -202,8 +252,11 @@ def mlp_backward(
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp``: h is recomputed, dg and du are written
-    over the buffers of dh and of the recomputed h."""
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp``: :func:`mlp_down_bwd` where it applies;
+    otherwise h is recomputed, dg and du are written over the buffers of dh and of the recomputed h."""
+    out = mlp_down_bwd(dy, g, u, t, act, [weight], lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
+    if out is not None:
+        return out
     h = mlp_act_fwd(g, u, act)
     dh, _, da, db = lora_linear_bwd(
         [dy], h, t, [weight], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, True
@@ -328,10 +381,14 @@ def qlora_mlp_backward(
     out_dtype: torch.dtype,
     nested_blocksize: int,
 ) -> list[torch.Tensor]:
-    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_mlp``: h recomputed, W dequantised again."""
-    h = mlp_act_fwd(g, u, act)
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_mlp``: W dequantised again, then as
+    ``slothc::mlp_backward``."""
     weights = _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
                          base_dtype)
+    out = mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
+    if out is not None:
+        return out
+    h = mlp_act_fwd(g, u, act)
     dh, _, da, db = lora_linear_bwd([dy], h, t, weights, lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
                                     True)
     dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))

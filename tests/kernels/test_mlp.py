@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from slothc import testing
 from slothc.derive import ACTIVATIONS, eager_activation
+from slothc.kernels import _launch
 from slothc.kernels import mlp as mlp_module
 from tests.helpers import count_calls
 from tests.kernels.test_lora_linear import peft_lora_linear
@@ -115,6 +116,73 @@ def test_mlp_matches_eager(case):
     testing.check_against_eager(fused, eager, g, u, w, b, *lora_a, *lora_b, seed=case["seed"])
 
 
+@st.composite
+def down_bwd_cases(draw):
+    """The one-kernel backward's domain: one dtype everywhere, adapters of up to 128 ranks in all."""
+    scale = testing.size_scale()
+    n_adapters = draw(st.integers(1, 2))
+    ranks = [draw(st.integers(1, 64)) for _ in range(n_adapters)]
+    return dict(act=draw(st.sampled_from(list(ACTIVATIONS))), setup="plain", dtype=draw(testing.dtypes()),
+                inter=draw(st.integers(1, max(1, min(scale.max_cols, 300)))), hidden=draw(st.integers(1, 64)),
+                adapters=[(r, draw(st.sampled_from([0.5, 2.0]))) for r in ranks], rows=draw(st.integers(1, min(scale.max_rows * 8, 700))),
+                bias=False, form=draw(st.sampled_from(["contiguous", "fused"])), seed=draw(testing.seeds()))
+
+
+def _composed_backward(monkeypatch, args):
+    """slothc::mlp_backward with the one-kernel path off: h recomputed, then the LoRA backward's GEMMs."""
+    with monkeypatch.context() as mp:
+        mp.setattr(mlp_module, "mlp_down_bwd", lambda *a, **k: None)
+        return torch.ops.slothc.mlp_backward(*args)
+
+
+@given(case=down_bwd_cases())
+def test_one_kernel_backward_matches_the_composed_one(case):
+    """dg and du are the same bits as the composed path's (the same formulas, one rounding each); dA
+    sums the same exact products G_ij h_jk in another order (fp32), then rounds once: within a few
+    ulps of the composed path's cuBLAS sum, and at least as close to the float64 product."""
+    if not (torch.cuda.is_available() or _launch.interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    g, u, w, _, lora_a, lora_b, (base, lora, out) = _mlp_args(case)
+    act, scaling = case["act"], [s for _, s in case["adapters"]]
+    a, b = [x.detach() for x in lora_a], [x.detach() for x in lora_b]
+    y, t = torch.ops.slothc.mlp(g, u, act, w, None, a, b, scaling, base, lora, out)
+    dy = testing.make_tensor(y.shape, y.dtype, case["seed"] + 20, device=DEVICE)
+    args = (dy, g, u, t, act, w, a, b, scaling, base, lora, out)
+    fast = mlp_module.mlp_down_bwd(*args[:5], [w], *args[6:])
+    assert fast is not None, "the one-kernel path did not run"
+    with pytest.MonkeyPatch.context() as mp:
+        slow = _composed_backward(mp, args)
+    n = len(a)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), "dg, du"
+    for x, y_ in zip(fast[2 + n :], slow[2 + n :]):
+        assert torch.equal(x, y_), "dB: the same GEMM"
+    # dA against the float64 product of the same rounded operands (G from the composed path's own G)
+    h = mlp_module.mlp_act_fwd(g, u, act).reshape(-1, g.shape[-1]).double()
+    dy2 = dy.reshape(h.shape[0], -1)
+    for i, (da, da_slow) in enumerate(zip(fast[2 : 2 + n], slow[2 : 2 + n])):
+        sb = (b[i] * scaling[i]).to(lora) if scaling[i] != 1.0 else b[i]
+        ref = ((dy2 @ sb).double().t() @ h)
+        ulp = torch.finfo(da.dtype).eps * ref.abs().clamp_min(torch.finfo(da.dtype).tiny)
+        err, err_slow = (da.double() - ref).abs(), (da_slow.double() - ref).abs()
+        bound = (err_slow + ulp * 2 + ((dy2 @ sb).double().abs().t() @ h.abs()) * torch.finfo(torch.float32).eps * 4)
+        assert (err <= bound).all(), f"dA_{i}: max err {err.max()} (composed {err_slow.max()})"
+
+
+def test_one_kernel_backward_falls_back_beyond_its_rank_and_dtypes():
+    g, u = _gate_up((4, 20), torch.float32, 0, "contiguous")
+    w = torch.randn(8, 20, device=DEVICE)
+    big = ([torch.randn(129, 20, device=DEVICE)], [torch.randn(8, 129, device=DEVICE)])
+    y, t = torch.ops.slothc.mlp(g, u, "silu", w, None, *big, [1.0], torch.float32, torch.float32, torch.float32)
+    f32 = torch.float32
+    assert mlp_module.mlp_down_bwd(torch.ones_like(y), g, u, t, "silu", [w], *big, [1.0], f32, f32, f32) is None
+    small = ([torch.randn(4, 20, device=DEVICE)], [torch.randn(8, 4, device=DEVICE)])
+    # dtypes that differ (fp32 adapters on a bf16 MLP outside autocast): the composed path
+    gb, ub = g.bfloat16(), u.bfloat16()
+    y, t = torch.ops.slothc.mlp(gb, ub, "silu", w.bfloat16(), None, *small, [1.0], torch.bfloat16, f32, torch.bfloat16)
+    assert mlp_module.mlp_down_bwd(torch.ones_like(y), gb, ub, t, "silu", [w.bfloat16()], *small, [1.0], torch.bfloat16, f32,
+                                   torch.bfloat16) is None
+
+
 def test_mlp_keeps_gate_and_up_not_h(device):
     """What the forward saves for the backward: g, u, the small h A^T, W and the adapters, never h."""
     g, u = _gate_up((6, 40), torch.float32, 0, "contiguous")
@@ -165,9 +233,10 @@ def test_opcheck_mlp_act(act):
     torch.library.opcheck(torch.ops.slothc.mlp_act_backward.default, (dh, g.detach(), u.detach(), act))
 
 
-@pytest.mark.parametrize("n_adapters", [0, 1, 2])
-def test_opcheck_mlp(n_adapters):
-    case = dict(act="gelu_tanh", setup="upcast" if n_adapters else "plain", dtype=torch.bfloat16 if n_adapters else torch.float32,
+@pytest.mark.parametrize("n_adapters, setup", [(0, "plain"), (1, "upcast"), (2, "upcast"), (2, "plain")])
+def test_opcheck_mlp(n_adapters, setup):
+    """("plain" with adapters: the one-kernel backward, mlp_down_bwd, where Triton runs)"""
+    case = dict(act="gelu_tanh", setup=setup, dtype=torch.bfloat16 if n_adapters else torch.float32,
                 inter=24, hidden=16, adapters=[(4, 2.0), (2, 0.5)][:n_adapters], rows=6, bias=n_adapters == 1, form="fused", seed=0)
     g, u, w, b, lora_a, lora_b, (base, lora, out) = _mlp_args(case)
     scaling = [s for _, s in case["adapters"]]
