@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Phi3Con
 
 import slothc
 from slothc.kernels import _launch
-from tests.e2e.test_tiny_models import COMMON, DEVICE, LAYERS, _assert_close_to_reference, _batch, _check_training_step, _lora_model, _step
+from tests.e2e.test_tiny_models import COMMON, DEVICE, LAYERS, _assert_close_to_reference, _assert_grads_close, _batch, _check_training_step, _lora_model, _step
 from tests.helpers import count_calls
 
 ARCHS = {
@@ -84,9 +84,8 @@ def test_half_precision_model_with_fp32_adapters(reference_ops_on_cpu):
     fused_loss, fused_grads = _step(torch.compile(fused_model, backend="slothc", options={"inner": "aot_eager", "report": report}), batch, False)
     torch._dynamo.reset()
     _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, 3.0, 2.0**-11)
-    for name in ref_grads:
-        assert fused_grads[name].dtype == torch.float32
-        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref_grads[name], 4.0)
+    assert all(g.dtype == torch.float32 for g in fused_grads.values())
+    _assert_grads_close(fused_grads, eager_grads, ref_grads, 4.0, half=True)
     _assert_every_lora_linear_and_mlp_fused(report, config, "llama")
 
 

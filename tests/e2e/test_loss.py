@@ -19,7 +19,7 @@ from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
 import slothc
 from slothc.testing import float64_mode
-from tests.e2e.test_tiny_models import COMMON, DEVICE, SCALAR_AUTOCAST_FLOOR, _assert_close_to_reference, _batch, _lora_model
+from tests.e2e.test_tiny_models import COMMON, DEVICE, SCALAR_AUTOCAST_FLOOR, _assert_close_to_reference, _assert_grads_close, _batch, _lora_model
 
 ARCHS = {
     "llama": LlamaConfig(**COMMON, num_key_value_heads=2),
@@ -77,8 +77,7 @@ def _check(config, autocast, options, batches=None, num_items=None, prepare=None
 
     k = 2.0 if not autocast else 3.0
     _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k, SCALAR_AUTOCAST_FLOOR if autocast else 0.0)
-    for name in ref_grads:
-        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref_grads[name], k + 1)
+    _assert_grads_close(fused_grads, eager_grads, ref_grads, k + 1, half=autocast)
     if fused_logits.numel():
         # The returned logits are the model's: as close to float64 as eager's (the LoRA fusion rounds
         # differently from eager under autocast, so they are not bitwise eager's there).

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 import slothc
 from slothc.kernels import _launch
 from slothc.kernels import qlora_linear as qmod
-from tests.e2e.test_tiny_models import DEVICE, LAYERS, SCALAR_AUTOCAST_FLOOR, _assert_close_to_reference, _batch, _step
+from tests.e2e.test_tiny_models import DEVICE, LAYERS, SCALAR_AUTOCAST_FLOOR, _assert_close_to_reference, _assert_grads_close, _batch, _step
 from tests.helpers import count_calls
 from tests.kernels.test_qlora_linear import bitsandbytes_training_path
 
@@ -119,8 +119,7 @@ def _check_step(checkpoint, autocast=False, options=None, **load):
     half = autocast or load.get("compute", torch.float32) != torch.float32
     k = 3.0 if half else 2.0
     _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k, SCALAR_AUTOCAST_FLOOR if half else 0.0)
-    for name in ref_grads:
-        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref_grads[name], k + 1)
+    _assert_grads_close(fused_grads, eager_grads, ref_grads, k + 1, half)
     return report
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 
 import pytest
 import torch
@@ -80,19 +81,54 @@ def _step(model, batch, autocast: bool, fp64: bool = False):
 SCALAR_AUTOCAST_FLOOR = 2.0**-11
 
 
-def _assert_close_to_reference(name, fused, eager, ref, k, rel_floor=0.0):
-    """max|fused - ref| <= k * max|eager - ref| + a floor of fp32 rounding of the reference
+def _assert_close_to_reference(name, fused, eager, ref, k, rel_floor=0.0, noise=0.0):
+    """max|fused - ref| <= k * max(max|eager - ref|, noise) + a floor of fp32 rounding of the reference
     (or ``rel_floor`` of its largest element, if larger).
 
     The floor is 16 fp32 epsilons of the reference's largest element (1.9e-6 of it): where eager
     happens to land within an epsilon of float64, a gradient that went through a few layers of
     reductions in another order is still that close; glm's fp32 k_proj gradient is 6.4 epsilons away
-    on one CPU (AMD EPYC, torch 2.13) and within 4 on others. A wrong formula is off by orders more."""
+    on one CPU (AMD EPYC, torch 2.13) and within 4 on others. A wrong formula is off by orders more.
+    ``noise``: the size of eager's error to expect on this tensor when its own may be a lucky sample
+    (:func:`_assert_grads_close`)."""
     fused, eager, ref = (t.double() for t in (fused, eager, ref))
     err_fused = (fused - ref).abs().max().item()
     err_eager = (eager - ref).abs().max().item()
     floor = max(16 * torch.finfo(torch.float32).eps, rel_floor) * ref.abs().max().item()
-    assert err_fused <= k * err_eager + floor, f"{name}: slothc error {err_fused:.3g} > {k} x eager error {err_eager:.3g} + {floor:.3g}"
+    assert err_fused <= k * max(err_eager, noise) + floor, (
+        f"{name}: slothc error {err_fused:.3g} > {k} x max(eager error {err_eager:.3g}, noise {noise:.3g}) + {floor:.3g}"
+    )
+
+
+def _relative_error(x, ref):
+    ref = ref.double()
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+def _assert_grads_close(fused_grads, eager_grads, ref_grads, k, half):
+    """Every gradient: slothc's error against float64 at most ``k`` x eager's (``_assert_close_to_reference``).
+
+    In half precision (bf16 autocast, a bf16 compute dtype) eager's error on one tensor is one sample
+    of rounding noise, and its size varies tenfold between the tensors of one step. On the tiny Llama
+    with gradient checkpointing (8 seeds), eager's max error is 0.9 to 9 bf16 epsilons of a
+    gradient's largest element, and slothc's, which rounds in other places, is as large. Where eager
+    was lucky on a tensor, a bound of 4 x its error fails by chance: layer 0's up_proj lora_B was at
+    4.4 x on one CPU and 2.6 x on another.
+
+    So in half precision each tensor's expected eager error is at least the step's *median* relative
+    eager error (over its gradients) times the tensor's largest element: an estimate of the noise
+    level that one lucky tensor does not set. Measured: slothc's error is at most 2.2 x that (tiny
+    Llama with checkpointing over 8 seeds, Qwen3 and Gemma over 4). In fp32 each tensor is judged
+    against its own eager error.
+
+    What this costs: in bf16 these end-to-end steps check how the fused ops are wired, not their
+    last few percent. A dropped low-rank dX term fails every bf16 case. A dB scaled 3% wrong passes
+    here (it failed 4 of 5 bf16 cases against the per-tensor bound alone); it fails the op tests in
+    tests/kernels/test_lora_linear.py, which catch 0.4%."""
+    noise_rel = statistics.median(_relative_error(eager_grads[n], ref_grads[n]) for n in ref_grads) if half else 0.0
+    for name, ref in ref_grads.items():
+        noise = noise_rel * ref.double().abs().max().item()
+        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref, k, noise=noise)
 
 
 @pytest.fixture
@@ -123,8 +159,7 @@ def _check_training_step(config, autocast, options, gradient_checkpointing=False
     _assert_close_to_reference("loss", fused_loss, eager_loss, ref_loss, k, SCALAR_AUTOCAST_FLOOR if autocast else 0.0)
     if not autocast:
         torch.testing.assert_close(fused_loss, eager_loss)
-    for name in ref_grads:
-        _assert_close_to_reference(name, fused_grads[name], eager_grads[name], ref_grads[name], k + 1)
+    _assert_grads_close(fused_grads, eager_grads, ref_grads, k + 1, half=autocast)
     return report
 
 
