@@ -25,7 +25,11 @@ hang costs that architecture only; ``--budget-s`` bounds each one):
    where slothc is not eager's, the step is run once more under ``torch.compile(backend="eager")``
    (Dynamo's trace alone, no slothc): if that differs from eager as much and slothc equals it, the
    row says so (``compile_differs``: the model's code differs under compile, not slothc's rewrite;
-   still not counted correct);
+   still not counted correct). There the causality of both is checked too (a causal LM's logits at
+   a position do not change when later tokens do): where eager is not causal and the plain compile
+   is, eager is the one that is wrong (``eager_not_causal``: transformers 5.17's Doge skips the
+   causal mask in eager, where its dynamic mask needs it, and builds it under compile); such a row
+   is not counted correct (no run equals it) nor failed;
 4. the fusion report's sites per kind against the candidate sites: the modules that the eager
    step ran whose class is a norm (``*RMSNorm``, ``*LayerNorm``; its result shaped like its input,
    and not a wrapper of another norm), PEFT's LoRA linears, the tensors
@@ -235,6 +239,65 @@ def compile_alone_differs(model, batch, loss, grads, ran, bounds) -> str | None:
             f"of the model, not in slothc")
 
 
+def not_causal(model, batch) -> str | None:
+    """Whether ``model``'s logits at the first half of the positions change when the tokens of the
+    second half do (a causal LM's cannot): a string saying by how much, else None."""
+    import torch
+
+    ids = batch["input_ids"]
+    half = ids.shape[1] // 2
+    changed = ids.clone()
+    changed[:, half:] = ids[:, half:].roll(1, dims=1)  # the same tokens (none special), in another order
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        first = model(**{**inputs, "input_ids": ids}).logits[:, :half].double()
+        second = model(**{**inputs, "input_ids": changed}).logits[:, :half].double()
+    diff = (first - second).abs().max().item()
+    if diff <= 1e-4 * first.abs().max().item():
+        return None
+    return f"its logits at positions 0-{half - 1} change by {diff:.3g} when tokens {half}- change"
+
+
+def eager_not_causal(model, plain_model, batch) -> str | None:
+    """Where torch.compile alone differs from eager and slothc equals it (``compile_alone_differs``):
+    whether eager is the one that is wrong, as far as a causal LM can be checked without a second
+    implementation: eager is not causal and torch.compile alone is. A string saying so, else None."""
+    import torch
+
+    eager = not_causal(model, batch)
+    if eager is None:
+        return None
+    torch._dynamo.reset()
+    try:
+        compiled = not_causal(torch.compile(plain_model, backend="eager"), batch)
+    except Exception:  # noqa: BLE001  (nothing to compare with)
+        return None
+    finally:
+        torch._dynamo.reset()
+    return None if compiled else f"eager is not causal ({eager}); torch.compile alone is, and slothc equals it"
+
+
+def _judge(loss, grads, eager_loss, eager_grads, ref_loss, ref_grads):
+    """``(correct, mismatches, bounds)``: the loss and every gradient eager has, slothc's error against
+    the reference (None: no float64 run, judged against eager within 1e-4) at most ``K`` x eager's
+    plus the floor (module docstring)."""
+    worst, correct, bounds = [], True, {}
+    for name in ["loss", *sorted(eager_grads)]:
+        f, e = (loss, eager_loss) if name == "loss" else (grads.get(name), eager_grads[name])
+        r = e if ref_grads is None else (ref_loss if name == "loss" else ref_grads.get(name))
+        if f is None or r is None:
+            correct = False
+            continue
+        err_f, err_e, floor = _error(f, e, r)
+        if ref_grads is None:
+            err_e, floor = 0.0, 1e-4 * e.double().abs().max().item() + 1e-6
+        bounds[name] = K * err_e + floor
+        if err_f > bounds[name]:
+            correct = False
+            worst.append(f"{name}: slothc error {err_f:.3g} > {K:g} x eager {err_e:.3g} + {floor:.3g}")
+    return correct, worst, bounds
+
+
 def no_dropout(model) -> None:
     """Dropout off everywhere (modules, float ``*drop*`` attributes, config fields read in forward):
     eager, float64 and slothc would each draw their own masks, and no comparison would hold."""
@@ -369,29 +432,15 @@ def check_arch(arch: str, layers: int = 2, hidden: int = 64, inner: str = "aot_e
                 "traceback": traceback.format_exc()[-1500:], "seconds": time.time() - t0}
     finally:
         torch._dynamo.reset()
-    worst, correct, bounds = [], True, {}
-    names = ["loss", *sorted(ran["grads"])]
+    correct, worst, bounds = _judge(loss, grads, ran["loss"], ran["grads"], ref_loss, ref_grads)
     missing = [n for n in ran["grads"] if n not in grads]
-    for name in names:
-        f, e = (loss, ran["loss"]) if name == "loss" else (grads.get(name), ran["grads"][name])
-        if ref_grads is None:  # no float64 run: within fp32 noise of eager
-            r = e
-        else:
-            r = ref_loss if name == "loss" else ref_grads.get(name)
-        if f is None or r is None:
-            correct = False
-            continue
-        err_f, err_e, floor = _error(f, e, r)
-        if ref_grads is None:
-            err_e, floor = 0.0, 1e-4 * e.double().abs().max().item() + 1e-6
-        bounds[name] = K * err_e + floor
-        if err_f > K * err_e + floor:
-            correct = False
-            worst.append(f"{name}: slothc error {err_f:.3g} > {K:g} x eager {err_e:.3g} + {floor:.3g}")
     if not correct or missing:
         same = compile_alone_differs(plain_model, batch, loss, grads, ran, bounds)
         if same:
             row["compile_differs"] = same
+            why = eager_not_causal(model, plain_model, batch)
+            if why:
+                row["eager_not_causal"] = why
     fused = _fused(report)
     skipped = sorted({f"{s.fusion}: {s.reason}" for s in report.skipped})
     full = fully_fused(fused, candidates, skipped)
@@ -426,9 +475,11 @@ def summary(rows: list) -> str:
     either)``, then the excluded architectures by what they need and the text decoders' share correct."""
     correct = sum(1 for r in rows if r.get("correct"))
     full = sum(1 for r in rows if r.get("correct") and r.get("fully_fused"))
-    failed = sum(1 for r in rows if r["status"] in ("failed", "timeout") or (r["status"] == "ok" and not r.get("correct")))
+    failed = sum(1 for r in rows if r["status"] in ("failed", "timeout")
+                 or (r["status"] == "ok" and not r.get("correct") and not r.get("eager_not_causal")))
     not_run = sum(1 for r in rows if r["status"] in ("build failed", "eager failed"))
     dynamo = sorted(r["arch"] for r in rows if r["status"] == "ok" and not r.get("correct") and r.get("compile_differs"))
+    wrong_eager = sorted(r["arch"] for r in rows if r["status"] == "ok" and not r.get("correct") and r.get("eager_not_causal"))
     excluded: dict = {}
     for r in rows:
         if r["status"] == NOT_TEXT:
@@ -439,8 +490,10 @@ def summary(rows: list) -> str:
     why = "; ".join(f"{need}: {', '.join(sorted(archs))}" for need, archs in sorted(excluded.items()))
     alone = (f"; {len(dynamo)} where torch.compile alone differs from eager as much and slothc equals it: "
              f"{', '.join(dynamo)}") if dynamo else ""
+    causal = (f", of which {len(wrong_eager)} where eager is not causal and torch.compile alone is: "
+              f"{', '.join(wrong_eager)}") if wrong_eager else ""
     return (f"{len(rows)} architectures: {correct} correct, {full} fully fused, {failed} failed "
-            f"({not_run} do not build or train without slothc either{alone}); {n_excluded} not text decoders"
+            f"({not_run} do not build or train without slothc either{alone}{causal}); {n_excluded} not text decoders"
             f"{f' ({why})' if why else ''}; text decoders: {correct} of {text} correct ({share})")
 
 
@@ -476,8 +529,14 @@ def markdown(rows: list, versions: dict, partial: str | None = None) -> str:
         f, c = r["fused"], r["candidates"]
         cells = " | ".join(f"{f[k]}/{c[k]}" for k in KINDS)
         skipped = "; ".join(r["skipped"])[:200].replace("|", "/")
-        equal = "yes" if r["correct"] else (
-            "NO, as torch.compile alone: " + r["compile_differs"][:160] if r.get("compile_differs") else "NO: " + "; ".join(r["mismatches"])[:120])
+        if r["correct"]:
+            equal = "yes"
+        elif r.get("eager_not_causal"):
+            equal = "NO, eager is wrong: " + r["eager_not_causal"][:160]
+        elif r.get("compile_differs"):
+            equal = "NO, as torch.compile alone: " + r["compile_differs"][:160]
+        else:
+            equal = "NO: " + "; ".join(r["mismatches"])[:120]
         lines.append(f"| {r['arch']} | ok | {equal} | "
                      f"{'yes' if r['fully_fused'] else 'no'} | {cells} | {skipped} |")
     return "\n".join(lines) + "\n"

@@ -69,6 +69,34 @@ def test_a_difference_that_torch_compile_alone_makes_is_told_apart(monkeypatch):
     assert row["status"] == "ok" and not row["correct"] and "slothc equals it" in row["compile_differs"], row
     assert "1 where torch.compile alone differs from eager as much and slothc equals it: llama" in coverage.summary([row])
     assert "| llama | ok | NO, as torch.compile alone: " in coverage.markdown([row], {})
+    assert "eager_not_causal" not in row and ", 1 failed (" in coverage.summary([row])  # eager is causal here
+
+
+def test_where_eager_is_not_causal_and_torch_compile_is_eager_is_the_one_wrong(monkeypatch):
+    """Transformers 5.17's Doge: eager skips the causal mask (its own dynamic mask then sees every
+    token), torch.compile builds it. The same on a tiny Llama whose attention modules say
+    ``is_causal = False``: eager builds no mask for an unpadded batch and SDPA takes its causal flag
+    from the module; under compile the mask is built. The row says eager is wrong, and is not failed."""
+    import torch
+
+    from slothc import tiny
+
+    real = tiny.tiny_model
+
+    def not_causal_in_eager(*args, **kw):
+        model = real(*args, **kw)
+        for m in model.modules():
+            if hasattr(m, "is_causal"):
+                m.is_causal = False
+        return model
+
+    monkeypatch.setattr(tiny, "tiny_model", not_causal_in_eager)
+    row = coverage.check_arch("llama")
+    torch._dynamo.reset()
+    assert row["status"] == "ok" and not row["correct"] and "slothc equals it" in row["compile_differs"], row
+    assert row["eager_not_causal"].startswith("eager is not causal (its logits at positions 0-7 change by "), row
+    assert ", 0 failed (" in coverage.summary([row]) and "where eager is not causal and torch.compile alone is: llama" in coverage.summary([row])
+    assert "| llama | ok | NO, eager is wrong: eager is not causal" in coverage.markdown([row], {})
 
 
 def test_not_a_text_decoder_by_what_the_classes_declare():
