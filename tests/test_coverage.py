@@ -7,9 +7,10 @@ import pytest
 
 from slothc import coverage
 
-# cohere_compass_text: builds only with RoPE parameters per layer type (a later tiny config);
-# phimoe: its router is a linear returning a tuple, left without LoRA. Each about 5 s, like the rest.
-SAMPLE = ["llama", "qwen3", "gemma2", "gpt_neox", "phi3", "mamba", "cohere_compass_text", "phimoe"]
+# cohere_compass_text: builds only with RoPE parameters per layer type (a later tiny config), and its
+# norms are LayerNorms; phimoe: its router is a linear returning a tuple, left without LoRA. Each
+# about 15 s with its process's start. Llama and GPT-NeoX, the plainest, are in tests/e2e.
+SAMPLE = ["qwen3", "gemma2", "phi3", "mamba", "cohere_compass_text", "phimoe"]
 
 
 def test_sample_of_architectures(tmp_path):
@@ -17,7 +18,7 @@ def test_sample_of_architectures(tmp_path):
     (path,) = tmp_path.glob("coverage-transformers-*.json")
     result = json.loads(path.read_text())
     rows = {r["arch"]: r for r in result["rows"]}
-    for arch in ("llama", "qwen3", "gemma2", "gpt_neox", "phi3", "cohere_compass_text", "phimoe"):
+    for arch in ("qwen3", "gemma2", "phi3", "cohere_compass_text", "phimoe"):
         r = rows[arch]
         assert r["status"] == "ok" and r["correct"] and r["fully_fused"], r
         assert r["fused"]["lora"] == r["candidates"]["lora"] > 0 and r["fused"]["loss"] == 1, r
@@ -28,10 +29,10 @@ def test_sample_of_architectures(tmp_path):
     assert rows["mamba"]["lora_targets"] == "all linear but conv1d, out_proj (PEFT refuses them)"
     assert rows["mamba"]["fused"]["lora"] == rows["mamba"]["candidates"]["lora"] > 0
     assert rows["phimoe"]["lora_targets"] == "all linear but router (a linear whose forward returns no tensor)"
-    assert result["summary"] == ("8 architectures: 8 correct, 8 fully fused, 0 failed (0 do not build or train without "
-                                 "slothc either); 0 not text decoders; text decoders: 8 of 8 correct (100.0%)")
+    assert result["summary"] == ("6 architectures: 6 correct, 6 fully fused, 0 failed (0 do not build or train without "
+                                 "slothc either); 0 not text decoders; text decoders: 6 of 6 correct (100.0%)")
     table = (tmp_path / path.name.replace(".json", ".md")).read_text()
-    assert "| llama | ok | yes | yes |" in table and result["summary"] in table
+    assert "| qwen3 | ok | yes | yes |" in table and result["summary"] in table
 
 
 def test_a_wrong_result_is_not_correct(monkeypatch):
