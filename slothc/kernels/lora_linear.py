@@ -97,6 +97,11 @@ def _groups(adapter_proj: Sequence[int], n_proj: int) -> list[list[int]]:
     return groups
 
 
+def stacked_a(lora_a: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[A_1; A_2; ...]`` [sum r, K] in ``dtype`` (one adapter: no copy beyond the cast)."""
+    return torch.cat([a.to(dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(dtype)
+
+
 def _offsets(lora_a: Sequence[torch.Tensor]) -> list[int]:
     offsets = [0]
     for a in lora_a:
@@ -199,7 +204,7 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     fused = base_dtype == lora_dtype == out_dtype
     with _no_autocast(x):
         if lora_a:
-            a_all = torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
+            a_all = stacked_a(lora_a, lora_dtype)
             xl = xa2.to(lora_dtype)
             t = xl @ a_all.t()
         else:
@@ -284,7 +289,7 @@ def lora_linear_bwd(grads, x, t, weights, lora_a, lora_b, scaling, adapter_proj,
             da = [da_all[offsets[i] : offsets[i + 1]].to(lora_a[i].dtype, copy=copy) for i in range(len(lora_a))]
         dx = dxa = None
         wants_g_a = r_total and (need_dx and not split or split and need_dxa)
-        a_all = (torch.cat([a.to(lora_dtype) for a in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)) if wants_g_a else None
+        a_all = stacked_a(lora_a, lora_dtype) if wants_g_a else None
         # Lazily: each weight is read (made, for the QLoRA op) once, in the one loop below that runs.
         projections = ((dys[p], weights[p]) for p in range(len(weights)) if dys[p] is not None)
         if split:

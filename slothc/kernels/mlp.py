@@ -35,7 +35,9 @@ import torch
 from slothc.derive import activation as get_activation
 from slothc.kernels._launch import KERNEL_DTYPES, as_rows, cdiv, device_guard, interpreting, next_power_of_2, num_sms, use_triton
 from slothc.kernels.lora_linear import _check as check_lora
-from slothc.kernels.lora_linear import _mm_plus_low_rank, _no_autocast, _offsets, fake_outputs, lora_linear_bwd, lora_linear_fwd, low_rank_grads
+from slothc.kernels.lora_linear import (
+    _mm_plus_low_rank, _no_autocast, _offsets, fake_outputs, lora_linear_bwd, lora_linear_fwd, low_rank_grads, stacked_a,
+)
 from slothc.kernels.qlora_linear import _Weights, _check_weights, weight_shapes
 
 _BLOCK_SIZE_N = 1024
@@ -134,7 +136,7 @@ def mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype,
     with _no_autocast(g):
         dy2 = dy.reshape(n_rows, -1)
         gl, db = low_rank_grads([dy2], t, lora_a, lora_b, scaling, [0] * len(lora_a), lora_dtype, n_rows)
-        a_all = torch.cat([x.to(lora_dtype) for x in lora_a]) if len(lora_a) > 1 else lora_a[0].to(lora_dtype)
+        a_all = stacked_a(lora_a, lora_dtype)
         dh = _mm_plus_low_rank(dy2, weights[0].to(base_dtype), gl, a_all)  # [n_rows, n_cols], contiguous
         du = torch.empty_like(dh)
         col_blocks = cdiv(n_cols, _DA_BLOCK_N)
