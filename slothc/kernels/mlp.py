@@ -157,6 +157,20 @@ def mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype,
     return [dh.view(g.shape), du.view(g.shape), *da, *db]
 
 
+def _tail_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype):
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of the MLP tail (``slothc::mlp`` and ``slothc::qlora_mlp``):
+    :func:`mlp_down_bwd` where it applies; otherwise h is recomputed, the down projection's LoRA
+    backward runs, and dg, du are written over the buffers of dh and of the recomputed h."""
+    out = mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
+    if out is not None:
+        return out
+    h = mlp_act_fwd(g, u, act)
+    dh, _, da, db = lora_linear_bwd([dy], h, t, weights, lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
+                                    True)
+    dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))
+    return [dg, du, *da, *db]
+
+
 @torch.library.custom_op("slothc::mlp_act", mutates_args=())
 def mlp_act(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     """``act(g) * u`` (``act`` one of :data:`slothc.derive.ACTIVATIONS`); its backward keeps g and u only."""
@@ -254,17 +268,8 @@ def mlp_backward(
     lora_dtype: torch.dtype,
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp``: :func:`mlp_down_bwd` where it applies;
-    otherwise h is recomputed, dg and du are written over the buffers of dh and of the recomputed h."""
-    out = mlp_down_bwd(dy, g, u, t, act, [weight], lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
-    if out is not None:
-        return out
-    h = mlp_act_fwd(g, u, act)
-    dh, _, da, db = lora_linear_bwd(
-        [dy], h, t, [weight], lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype, True
-    )
-    dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))
-    return [dg, du, *da, *db]
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::mlp`` (:func:`_tail_bwd`)."""
+    return _tail_bwd(dy, g, u, t, act, [weight], lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
 
 
 @mlp_backward.register_fake
@@ -383,18 +388,11 @@ def qlora_mlp_backward(
     out_dtype: torch.dtype,
     nested_blocksize: int,
 ) -> list[torch.Tensor]:
-    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_mlp``: W dequantised again, then as
-    ``slothc::mlp_backward``."""
+    """``[dg, du, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_mlp``: W dequantised again, then
+    :func:`_tail_bwd`."""
     weights = _down_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
                          base_dtype)
-    out = mlp_down_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
-    if out is not None:
-        return out
-    h = mlp_act_fwd(g, u, act)
-    dh, _, da, db = lora_linear_bwd([dy], h, t, weights, lora_a, lora_b, scaling, [0] * len(lora_a), base_dtype, lora_dtype, out_dtype,
-                                    True)
-    dg, du = mlp_act_bwd(dh, g, u, act, reuse=(dh, h))
-    return [dg, du, *da, *db]
+    return _tail_bwd(dy, g, u, t, act, weights, lora_a, lora_b, scaling, base_dtype, lora_dtype, out_dtype)
 
 
 @qlora_mlp_backward.register_fake

@@ -128,9 +128,9 @@ def down_bwd_cases(draw):
                 bias=False, form=draw(st.sampled_from(["contiguous", "fused"])), seed=draw(testing.seeds()))
 
 
-def _composed_backward(monkeypatch, args):
+def _composed_backward(args):
     """slothc::mlp_backward with the one-kernel path off: h recomputed, then the LoRA backward's GEMMs."""
-    with monkeypatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mlp_module, "mlp_down_bwd", lambda *a, **k: None)
         return torch.ops.slothc.mlp_backward(*args)
 
@@ -150,8 +150,7 @@ def test_one_kernel_backward_matches_the_composed_one(case):
     args = (dy, g, u, t, act, w, a, b, scaling, base, lora, out)
     fast = mlp_module.mlp_down_bwd(*args[:5], [w], *args[6:])
     assert fast is not None, "the one-kernel path did not run"
-    with pytest.MonkeyPatch.context() as mp:
-        slow = _composed_backward(mp, args)
+    slow = _composed_backward(args)
     n = len(a)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), "dg, du"
     for x, y_ in zip(fast[2 + n :], slow[2 + n :]):
