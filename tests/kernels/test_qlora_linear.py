@@ -582,6 +582,12 @@ def _qlora_mlp_fns(case, layer):
     w64 = qmod.dequantize_4bit_reference(*layer_args(layer), torch.float32).double()
     act = eager_activation(case["act"])
     *state, nested_blocksize = op_args([layer])
+    # The 4-bit layer returns its input's dtype: that of act(g) * u, which CUDA autocast runs in fp32
+    # for relu2 (its square is a pow); the pass reads it off the graph (where, for that case, the
+    # matcher keeps the unfused MLP: mlp_act would change the dtype).
+    with _autocast(autocast):
+        probe = torch.ones(1, device=DEVICE, dtype=autocast or out)
+        out = (act(probe) * probe).dtype
 
     def fused(g, u, *params):
         with _autocast(autocast):

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.activations import ACT2FN
 
 from slothc.passes import mlp as mlp_pass
+from slothc.passes.matcher import REPLACEMENT_MISMATCH
 from tests.passes._capture import capture, targets
 
 MLP_OP = torch.ops.slothc.mlp.default
@@ -145,6 +146,29 @@ def test_mismatched_dtypes_are_skipped():
 
     report, _, _ = capture(f, torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64))
     assert [s.reason for s in report.skipped if s.fusion == "mlp"] == [mlp_pass.DTYPE_MISMATCH]
+
+
+def test_relu2_under_autocast_fuses_only_where_it_keeps_the_dtype():
+    """CUDA autocast runs relu2's square (a pow) in fp32, so act(g) * u is fp32 from bf16 g and u;
+    mlp_act keeps g's dtype, and the matcher must then leave the MLP unfused and say why. CPU
+    autocast keeps pow in bf16: fused. Each device checks its own branch."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    act = ACT2FN["relu2"]
+
+    def f(g, u):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return act(g) * u
+
+    g, u = (torch.randn(4, 8, device=device, dtype=torch.bfloat16) for _ in range(2))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        eager_dtype = act(g).dtype
+    report, _, out = capture(f, g, u)
+    assert out.dtype == eager_dtype
+    if eager_dtype == torch.bfloat16:
+        assert report.count("mlp") == 1, str(report)
+    else:
+        assert report.count("mlp") == 0
+        assert [s.reason for s in report.skipped if s.fusion == "mlp"] == [REPLACEMENT_MISMATCH], str(report)
 
 
 def test_broadcast_products_are_not_candidates():
