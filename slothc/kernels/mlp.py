@@ -44,7 +44,9 @@ _BLOCK_SIZE_N = 1024
 _NUM_WARPS = 4
 # The backward kernel that also makes the down projection's dA (mlp_down_bwd): tiles of rows x
 # columns, a few programs an SM; adapters of up to _MAX_DA_RANK ranks in all (G^T h in registers).
-_DA_BLOCK_M, _DA_BLOCK_N, _DA_NUM_WARPS, _DA_PROGRAMS_PER_SM = 32, 128, 4, 4
+# The tiles: the best of bench/sweep_mlp_bwd.py's 54 at workload (a)'s shape on the H200 (0.176 ms,
+# 90% of copy bandwidth, against 0.207 ms for 32, 128, 4, 4; bench/results/2026-12-02-h200-sweep_mlp_bwd.jsonl).
+_DA_BLOCK_M, _DA_BLOCK_N, _DA_NUM_WARPS, _DA_PROGRAMS_PER_SM = 64, 64, 8, 2
 _MAX_DA_RANK = 128
 
 
