@@ -297,6 +297,16 @@ def float64_mode() -> TorchFunctionMode:
     return _Float64Mode()
 
 
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` and back to its own dtype, inside ``float64_mode`` too: for a
+    float64 reference of a computation whose every implementation stores an intermediate in
+    ``dtype`` (an MLP's ``act(g) * u`` read by the down projection's GEMM). Without it a reduction
+    over that intermediate with heavy cancellation (a one-element output) charges the
+    intermediate's unavoidable rounding to whichever implementation rounded it less luckily."""
+    with torch._C.DisableTorchFunction():
+        return t.to(dtype).to(t.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Comparing a fused function with its eager twin
 # --------------------------------------------------------------------------------------------

@@ -179,6 +179,15 @@ def test_float64_mode_keeps_hard_coded_upcasts_in_float64():
     torch.testing.assert_close(out, exact, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounded_rounds_inside_float64_mode(dtype):
+    x = torch.tensor([1 / 3, 1e-3, -7.0], dtype=torch.float64)
+    with testing.float64_mode():
+        assert torch.equal(x.to(dtype), x)  # the mode keeps a plain cast in float64
+        r = testing.rounded(x, dtype)
+    assert r.dtype == torch.float64 and torch.equal(r, x.to(dtype).double()) and not torch.equal(r, x)
+
+
 def test_inputs_keep_their_layout():
     x = testing.make_tensor((4, 6, 10), torch.float32, seed=3, layout="padded", requires_grad=True)
     seen = []

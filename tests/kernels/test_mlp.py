@@ -113,7 +113,13 @@ def test_mlp_matches_eager(case):
     def eager(g, u, w, b, *ab):
         return peft_lora_linear(eager_mlp_act(g, u, act), w, b, list(zip(ab[:n], ab[n:], scaling)))
 
-    testing.check_against_eager(fused, eager, g, u, w, b, *lora_a, *lora_b, seed=case["seed"])
+    def ref(g, u, w, b, *ab):
+        # act(g) * u exact, then stored in the base dtype, as both the op and eager store it for the
+        # down projection (a one-element fp16 output with cancellation failed on the GPU at 2.27x
+        # eager's error, which rounds h thrice where the op rounds it once)
+        return peft_lora_linear(testing.rounded(eager_mlp_act(g, u, act), base), w, b, list(zip(ab[:n], ab[n:], scaling)))
+
+    testing.check_against_eager(fused, eager, g, u, w, b, *lora_a, *lora_b, ref_fn=ref, seed=case["seed"])
 
 
 @st.composite
