@@ -188,6 +188,47 @@ def test_rounded_rounds_inside_float64_mode(dtype):
     assert r.dtype == torch.float64 and torch.equal(r, x.to(dtype).double()) and not torch.equal(r, x)
 
 
+def test_parts_fn_floors_at_the_largest_part():
+    """0.49 - 0.56 with each part rounded to bf16 first: the result is 4 of its ulps from the
+    exact value however it is computed; with the parts named that passes, and an error of many
+    parts' ulps still fails."""
+    exact = torch.tensor([0.4902, -0.5623], dtype=torch.float64)
+    eager = (exact.to(torch.bfloat16).double().sum()).to(torch.bfloat16).reshape(1)  # lands close by luck
+    ref = exact.sum().reshape(1)
+    off = ref.to(torch.bfloat16) + 2 * 2.0**-9  # one ulp of 0.5 in bf16 twice over: 4 ulps of 0.07
+    with pytest.raises(AssertionError):
+        testing.assert_matches_reference(off, eager, ref)
+    testing.assert_matches_reference(off, eager, ref, parts_max=0.5623)
+    with pytest.raises(AssertionError):
+        testing.assert_matches_reference(ref.to(torch.bfloat16) + 40 * 2.0**-9, eager, ref, parts_max=0.5623)
+
+
+def test_magnitude_fn_floors_an_fp32_sum_at_its_terms():
+    """A dot product whose terms cancel (1 - 1 + 2**-10): an fp32 result a few ulps of the terms
+    off is what any fp32 accumulation may give, and passes with the magnitude named; without it, and
+    with an error of many terms' ulps, it fails."""
+    x = torch.tensor([1.0, -1.0, 2.0**-10], dtype=torch.float32)
+    w = torch.ones(3, dtype=torch.float32)
+    off = float(torch.finfo(torch.float32).eps) * 2 * 2  # two fp32 roundings at the terms' size (2)
+
+    def eager(x, w):
+        return (x * w).sum().reshape(1)
+
+    def fused(x, w, bump=off):
+        return eager(x, w) + bump
+
+    def magnitude(x, w):
+        return (x.abs() * w.abs()).sum().reshape(1)
+
+    with pytest.raises(AssertionError):
+        testing.check_against_eager(fused, eager, x, w)
+    testing.check_against_eager(fused, eager, x, w, magnitude_fn=magnitude)
+    with pytest.raises(AssertionError):
+        testing.check_against_eager(lambda x, w: fused(x, w, 40 * off), eager, x, w, magnitude_fn=magnitude)
+    with pytest.raises(ValueError, match="magnitude_fn returned 2 tensors for 1 outputs"):
+        testing.check_against_eager(eager, eager, x, w, magnitude_fn=lambda x, w: (magnitude(x, w),) * 2)
+
+
 def test_inputs_keep_their_layout():
     x = testing.make_tensor((4, 6, 10), torch.float32, seed=3, layout="padded", requires_grad=True)
     seen = []
