@@ -10,7 +10,7 @@ way flash-attention does: against a float64 reference, relative to eager's own e
   ``ref64``: the eager code run in float64 on upcast copies of the inputs.
 * ``floor = max|ref64.to(dtype) - ref64|``: the rounding that no implementation storing ``dtype``
   can avoid. It keeps the bound meaningful where eager is exact (a kernel one rounding away from
-  the exact value passes). Three adjustments:
+  the exact value passes). Five adjustments:
 
   - it is at least one ulp of ``dtype`` at ``max|ref64|``: a result rounded twice in ``dtype``
     (an intermediate, then the sum: ``round(round(x W) + round(t B))`` as PEFT's layer computes it,
@@ -353,6 +353,20 @@ def _flatten(out: Any) -> list:
     raise TypeError(f"outputs must be tensors or (nested) tuples/lists of tensors, got {type(out).__name__}")
 
 
+def _largest_per_output(fn, ref_in, n_out, name, lists=False) -> list[Optional[float]]:
+    """For each output, ``max |t|`` over its entry of ``fn(*ref_in)`` (run in float64_mode): one
+    tensor an output, or with ``lists`` a list of tensors an output (``parts_fn``). ``None`` for
+    each output when ``fn`` is ``None``."""
+    if fn is None:
+        return [None] * n_out
+    with float64_mode():
+        out = fn(*ref_in)
+    entries = list(out) if lists else [[t] for t in _flatten(out)]
+    if len(entries) != n_out:
+        raise ValueError(f"{name} returned {len(entries)} {'lists' if lists else 'tensors'} for {n_out} outputs")
+    return [max((t.detach().abs().max().item() for t in ts if t.numel()), default=0.0) for ts in entries]
+
+
 def check_against_eager(
     fused_fn: Callable,
     eager_fn: Callable,
@@ -402,18 +416,8 @@ def check_against_eager(
     floats = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
     low = min(floats, key=lambda d: torch.finfo(d).bits, default=None)
     low = torch.bfloat16 if torch.bfloat16 in floats else low  # bf16 is the coarsest of the 16-bit types
-    parts_max = [None] * len(ref_out)
-    if parts_fn is not None:
-        with float64_mode():
-            parts = parts_fn(*ref_in)
-        parts_max = [max((p.detach().abs().max().item() for p in ps if p.numel()), default=0.0) for ps in parts]
-    magnitude_max = [None] * len(ref_out)
-    if magnitude_fn is not None:
-        with float64_mode():
-            magnitudes = _flatten(magnitude_fn(*ref_in))
-        if len(magnitudes) != len(ref_out):
-            raise ValueError(f"magnitude_fn returned {len(magnitudes)} tensors for {len(ref_out)} outputs")
-        magnitude_max = [m.detach().abs().max().item() if m.numel() else 0.0 for m in magnitudes]
+    parts_max = _largest_per_output(parts_fn, ref_in, len(ref_out), "parts_fn", lists=True)
+    magnitude_max = _largest_per_output(magnitude_fn, ref_in, len(ref_out), "magnitude_fn")
     results = [
         assert_matches_reference(f, e, r, k=k_fwd, name=f"output {i}", low_dtype=low, parts_max=p, magnitude_max=m)
         for i, (f, e, r, p, m) in enumerate(zip(fused_out, eager_out, ref_out, parts_max, magnitude_max))
