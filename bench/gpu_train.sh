@@ -11,7 +11,11 @@
 # architecture, lands in $OUT (coverage.log, coverage-transformers-<version>-cuda.{md,json}). Not
 # next to a benchmark: it would take the benchmark's CPU time.
 #
-# Writes to $OUT: env.txt, tests.log (when TEST_ARGS is set), train.log, and the benchmark's
+# PRE: a shell command run first, in this script's environment (the carried wheels on PYTHONPATH),
+# with its output in $OUT/pre.log, e.g. PRE='python3 bench/guard_cost.py --device cuda'; it gets
+# T_TOTAL less T_MARGIN at most.
+#
+# Writes to $OUT: env.txt, pre.log (when PRE is set), tests.log (when TEST_ARGS is set), train.log, and the benchmark's
 # <date>-<device>-train-<workload>.{json,md} (rewritten after each variant, so a run cut short
 # keeps the variants it finished; TRAIN_ARGS2's and TRAIN_ARGS3's in run2/ and run3/).
 #
@@ -51,6 +55,13 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PY
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 } >> "$OUT/env.txt" 2>&1
+
+if [ -n "${PRE:-}" ]; then
+    echo "=== pre: $PRE" | tee "$OUT/pre.log"
+    timeout -k 10 $((T_TOTAL - T_MARGIN - SECONDS)) bash -c "$PRE" >> "$OUT/pre.log" 2>&1
+    echo "=== pre rc=$? ($SECONDS s since the start)" | tee -a "$OUT/pre.log"
+    grep -v "^\s*$" "$OUT/pre.log" | tail -n 30
+fi
 
 cov_pid=
 if [ -n "${COVERAGE_ARGS:-}" ]; then
