@@ -2,7 +2,8 @@
 
 The profiles of workloads (a) and (b) (bench/NOTES.md, 2026-12-03) show the GPU idle 4.7 ms and
 12.0 ms a step while the host is in ``TorchDynamo Cache Lookup``: the guards of the compiled
-frame, evaluated after the step's loss is read. This measures that lookup on a Llama of
+frame, evaluated after the step's loss is read. (Without the profiler the H200's host takes 1.0
+and 2.0 ms: bench/results/2026-12-03-h200-guard-cost.log.) This measures that lookup on a Llama of
 ``--layers`` layers with LoRA on its seven linears (tiny widths: the guards depend on the module
 tree, not on the sizes), compiled with the ``eager`` backend (the lookup is the same for any
 backend), and counts the guards by type:
