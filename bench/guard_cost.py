@@ -87,7 +87,7 @@ def main() -> None:
           f"graph, no profiler (median of {args.timed_calls}; {n_entries} cache entries); torch {torch.__version__}, "
           f"recursive dict tags {torch._dynamo.config.use_recursive_dict_tags_for_guards}")
     if counts:
-        print(f"{sum(counts.values())} guards:", ", ".join(f"{t} {n}" for t, n in counts.most_common()))
+        print(f"{sum(counts.values())} guards (over every cache entry):", ", ".join(f"{t} {n}" for t, n in counts.most_common()))
     if args.profile:  # the profiler's view, as the step profiles show it (it is slower under the profiler)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager", options={"guard_filter_fn": guard_filter})
@@ -101,7 +101,7 @@ def main() -> None:
               f"({len(lookups)} calls)")
 
 
-def constant_call_ms(model, ids, guard_filter, calls: int) -> float:
+def constant_call_ms(model, ids, guard_filter, calls: int) -> tuple[float, int]:
     """Median wall time (ms) of a compiled call whose graph returns its first outputs (Dynamo's own
     cost), and the number of cache entries of the model's forward (more than one: a recompile)."""
 
