@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import tempfile
 import time
 
 import peft
 import torch
 from torch.profiler import profile
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from slothc.tiny import load_in_4bit
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,15 +60,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256)
-    if args.qlora:
-        from transformers import BitsAndBytesConfig
-
-        base = LlamaForCausalLM(config).to(torch.bfloat16)
-        with tempfile.TemporaryDirectory() as folder:  # quantised as from_pretrained quantises (bitsandbytes)
-            base.save_pretrained(folder)
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
-            base = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": args.device})
+    if args.qlora:  # quantised as from_pretrained quantises (bitsandbytes)
+        base = load_in_4bit(LlamaForCausalLM(config).to(torch.bfloat16), compute_dtype=torch.bfloat16, device=args.device)
     else:
         base = LlamaForCausalLM(config).to(args.device)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=LINEARS))
