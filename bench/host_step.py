@@ -1,0 +1,140 @@
+"""The host's share of a compiled training step, phase by phase, at tiny widths.
+
+Workload (b)'s profiles leave ~5 ms a step of host time between steps in ``Torch-Compiled Region``
+(bench/NOTES.md, 2026-12-03, second session): what runs around the compiled graphs once the guard
+check is done. Host cost depends on the module tree and the number of graph inputs, not on the
+widths, so this builds workload (a)'s or (b)'s structure (``--layers`` Llama layers, LoRA on the
+seven linears; ``--qlora``: bitsandbytes NF4 with double quantisation) at tiny widths, runs the
+training step of ``slothc.train_bench`` (bf16 autocast, fused AdamW, the loss read at the end) and
+times each phase on the host, the device synchronised before and after, so that a phase's time is
+its own host work (plus any sync inside it):
+
+    python3 bench/host_step.py --qlora                         # CPU, the slothc backend
+    python3 bench/host_step.py --qlora --device cuda --cudagraphs
+    python3 bench/host_step.py --qlora --device cuda --cudagraphs --cprofile 30
+
+``--cprofile N`` adds Python's profiler over the forward and backward calls, its top functions by
+own time (the profiler slows Python code about twofold; its shares are the point, not its times).
+Bench only (not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import peft
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slothc.tiny import load_in_4bit
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHASES = ("forward", "backward", "optimizer", "zero_grad", "loss_read")
+
+
+def build(layers: int, qlora: bool, device: str):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    if qlora:
+        base = load_in_4bit(LlamaForCausalLM(config).to(torch.bfloat16), compute_dtype=torch.bfloat16, device=device)
+    else:
+        base = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=LINEARS, task_type="CAUSAL_LM"))
+    for p in model.parameters():  # fp32 adapters, as the HF Trainer keeps them
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (default 32, workload (b)'s)")
+    ap.add_argument("--qlora", action="store_true", help="4-bit linears (bitsandbytes NF4, double quant), as in (b)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cudagraphs", action="store_true", help="slothc with mode='reduce-overhead' (CUDA only)")
+    ap.add_argument("--guard-filter", action="store_true", help="skip_guard_on_all_nn_modules_unsafe")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="then N steps under cProfile")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    from slothc.backend import slothc as backend
+
+    model, config = build(args.layers, args.qlora, args.device)
+    model.train()
+    options = {"logits": "drop"}
+    if args.cudagraphs:
+        options["mode"] = "reduce-overhead"
+    if args.guard_filter:
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    run = torch.compile(model, backend=backend, options=options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.device(args.device).type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (1, 64), device=args.device)
+    sync = torch.cuda.synchronize if fused else (lambda: None)
+    n_inputs = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+
+    def step(times=None, prof=None):
+        marks = []
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+
+        if args.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        mark()
+        prof and prof.enable()
+        with autocast:
+            loss = run(input_ids=ids, labels=ids).loss
+        prof and prof.disable()
+        mark()
+        prof and prof.enable()
+        loss.backward()
+        prof and prof.disable()
+        mark()
+        opt.step()
+        mark()
+        opt.zero_grad(set_to_none=True)
+        mark()
+        float(loss.detach())
+        mark()
+        if times is not None:
+            for name, a, b in zip(PHASES, marks, marks[1:]):
+                times.setdefault(name, []).append((b - a) * 1e3)
+
+    for _ in range(3):
+        step()
+    times: dict = {}
+    for _ in range(args.steps):
+        step(times)
+    kind = "4-bit linears with LoRA" if args.qlora else "bf16 linears with LoRA"
+    print(f"{args.layers} layers, {kind}, {args.device}, slothc{' with CUDA graphs' if args.cudagraphs else ''}"
+          f"{', unsafe guard filter' if args.guard_filter else ''}; torch {torch.__version__}; "
+          f"{n_inputs} parameters and buffers, {len(params)} trainable")
+    total = 0.0
+    for name in PHASES:
+        med = statistics.median(times[name])
+        total += med
+        print(f"  {name:10s} {med:8.3f} ms (median of {args.steps}; min {min(times[name]):.3f})")
+    print(f"  {'sum':10s} {total:8.3f} ms")
+    if args.cprofile:
+        prof = cProfile.Profile()
+        for _ in range(args.cprofile):
+            step(prof=prof)
+        for key in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
+            print(f"cProfile of forward + backward over {args.cprofile} steps, by {key}:")
+            print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
+
+
+if __name__ == "__main__":
+    main()
