@@ -111,7 +111,7 @@ def _offsets(lora_a: Sequence[torch.Tensor]) -> list[int]:
 
 def _check(x, weight_shapes, biases, lora_a, lora_b, scaling, adapter_proj, xa=None) -> None:
     """``weight_shapes``: each projection's ``(out, in)`` (the weights themselves may not exist yet:
-    the QLoRA op dequantises them one at a time)."""
+    the QLoRA op dequantises them when first read)."""
     if xa is not None and tuple(xa.shape) != tuple(x.shape):
         raise ValueError(f"slothc::lora_linear: xa has shape {tuple(xa.shape)}, expected x's {tuple(x.shape)}")
     if len(weight_shapes) == 0:
@@ -191,8 +191,8 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
     promotion, as ``lora.Linear`` adds them; PEFT's 4-bit layer adds them in the output dtype).
 
     ``weights`` is read once per projection, in order (``weights[p]``): it may be a sequence that
-    makes each weight when asked (the QLoRA op dequantises there), so that one full-precision weight
-    is alive at a time; such a caller checks the shapes itself (``check=False``)."""
+    makes each weight when asked (the QLoRA op dequantises there, so that no full-precision weight
+    outlives the call); such a caller checks the shapes itself (``check=False``)."""
     if check:
         _check(x, [tuple(w.shape) for w in weights], biases, lora_a, lora_b, scaling, adapter_proj, xa)
     lead, k = x.shape[:-1], x.shape[-1]

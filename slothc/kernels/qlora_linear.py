@@ -30,10 +30,11 @@ the forward dequantises ``W`` (to the base product's dtype), computes ``Y = X W^
 (X A_i^T) B_i^T`` with the same matmul order and dtype rules as ``slothc::lora_linear``, and drops
 ``W``; the backward dequantises ``W`` again for ``dX = dY W + ...`` (only when dX is needed). What
 is saved between them is the 4-bit weight itself (already resident), ``X`` and the small ``T``: the
-full-precision ``W`` never outlives one matmul. Like ``slothc::lora_linear``, one call may hold
+full-precision ``W`` never outlives one call. Like ``slothc::lora_linear``, one call may hold
 several projections of one input (q/k/v, gate/up): their adapters' down-projections are one matmul,
 their ``dX`` terms one accumulated buffer, and one call's fixed host cost is paid once for all of
-them; their weights are dequantised one at a time.
+them; on the GPU their weights are dequantised in one launch into one buffer, alive for the call's
+matmuls (:func:`dequantize_weights`).
 
 bitsandbytes' own backward (``MatMul4Bit``) dequantises to the ``QuantState``'s dtype and casts to
 the gradient's dtype; the op dequantises straight to the base dtype. The two agree bit for bit when
@@ -50,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, use_triton
+from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, interpreting, use_triton
 from slothc.kernels import lora_linear as lora
 from slothc.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
 
@@ -180,21 +181,26 @@ def dequantize_4bit_reference(packed, absmax, absmax_8bit, absmax_code, absmax_o
 # --------------------------------------------------------------------------------------------
 
 # Bytes a program: 2048 (4096 values), 4 warps; the scale is looked up per byte (repeated addresses
-# in one block: cache hits). Measured on an H200 (bench/results/2026-12-01-h200-qlora.md, the sweep):
-# 1024-8192 bytes with 4 or 8 warps are within 5% of each other; a variant reading whole blocks
-# (one scale a block) and one reading both codes in one 8-byte table load were 5-25% slower.
+# in one block: cache hits). Measured on an H200 (bench/results/2026-12-01-h200-qlora.md, the first
+# sweep; bench/results/2026-12-03-h200-dequant-sweep2.jsonl, the second): 1024-8192 bytes with 4 or 8
+# warps are within 5% of each other; a variant reading whole blocks (one scale a block), one reading
+# both codes in one 8-byte table load, 32-bit packed stores of a byte's two values and a code book
+# read with ``tl.gather`` were no faster. The GPU's own fp32 -> bf16 conversion in place of the
+# rounding done on the bits was: 71% -> 81% of copy bandwidth at 14336x4096, 85% -> 95% at
+# 128256x4096.
 _BLOCK_BYTES = 2048
 _NUM_WARPS = 4
+_MAX_PARTS = 3  # weights a launch (q/k/v; gate/up)
 
 
 @triton.jit
-def _dequantize_4bit_kernel(
-    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr,
-    n, n_bytes,
-    HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OUT_BF16: tl.constexpr,
+def _dequantize_part(
+    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr, n, pid,
+    HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BF16_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    """Bytes ``pid * BLOCK ..`` of one weight of ``n`` values into ``out_ptr`` (its first value)."""
+    n_bytes = (n + 1) // 2
     byte = pid * BLOCK + tl.arange(0, BLOCK)
     in_range = byte < n_bytes
     b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
@@ -210,9 +216,9 @@ def _dequantize_4bit_kernel(
     low = tl.load(code_ptr + (b & 15)) * scale
     values = tl.reshape(tl.join(high, low), (2 * BLOCK,))  # element 2i: high nibble, 2i + 1: low
     e = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    if OUT_BF16:
-        # Round to nearest even on the bits: what the GPU's cast does, and bit-exact in the Triton
-        # interpreter too (whose fp32 -> bf16 cast truncates).
+    if BF16_BITS:
+        # Round to nearest even on the bits: the Triton interpreter's fp32 -> bf16 cast truncates.
+        # On the GPU the cast below rounds to nearest even itself, and is faster.
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -221,27 +227,75 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + e, out, mask=e < n)
 
 
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, n0,
+    packed1, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, n1,
+    packed2, absmax2, absmax_8bit2, absmax_code2, absmax_offset2, n2,
+    code_ptr, out_ptr, start1, start2,
+    PARTS: tl.constexpr, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Up to three weights in one launch, their values one after another in ``out``: programs
+    ``[0, start1)`` the first, ``[start1, start2)`` the second, the rest the third."""
+    pid = tl.program_id(0).to(tl.int64)
+    if PARTS == 1 or pid < start1:
+        _dequantize_part(packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, code_ptr, out_ptr, n0, pid,
+                         HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
+    elif PARTS == 2 or pid < start2:
+        _dequantize_part(packed1, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, code_ptr, out_ptr + n0, n1,
+                         pid - start1, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
+    else:
+        _dequantize_part(packed2, absmax2, absmax_8bit2, absmax_code2, absmax_offset2, code_ptr, out_ptr + n0 + n1, n2,
+                         pid - start2, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
+
+
+def dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, nested_blocksize=NESTED_BLOCKSIZE, out=None):
+    """Run the Triton kernel on several weights of one in_features and one format, up to three a
+    launch; ``states``: each weight's ``(packed, absmax, absmax_8bit, absmax_code, absmax_offset)``.
+    Returns (or fills) one ``[sum out_p, in]`` buffer in ``dtype``, weight p its rows
+    ``sum out_<p .. sum out_<=p``."""
+    rows = [int(s[0]) for s in shapes]
+    ks = {int(s[1]) for s in shapes}
+    if len(ks) != 1:
+        raise ValueError(f"slothc: weights dequantised into one buffer need one in_features, got shapes {list(shapes)}")
+    k = ks.pop()
+    device = states[0][0].device
+    if out is None:
+        out = torch.empty((sum(rows), k), dtype=dtype, device=device)
+    code = code_book(quant_type, device)
+    bf16_bits = dtype == torch.bfloat16 and interpreting()
+    flat = out.view(-1)
+    at = 0
+    with device_guard(states[0][0]):
+        for first in range(0, len(states), _MAX_PARTS):
+            parts = list(range(first, min(first + _MAX_PARTS, len(states))))
+            args, programs = [], []
+            for p in parts + [parts[-1]] * (_MAX_PARTS - len(parts)):  # unused slots repeat the last weight
+                packed, absmax, a8, a_code, offset = states[p]
+                nested = a8 is not None
+                args += [packed.reshape(-1), absmax.reshape(-1), a8.reshape(-1) if nested else absmax,
+                         a_code.reshape(-1) if nested else absmax, offset.reshape(-1) if nested else absmax,
+                         rows[p] * k]
+            programs = [cdiv(cdiv(rows[p] * k, 2), _BLOCK_BYTES) for p in parts]
+            start1 = programs[0]
+            start2 = start1 + (programs[1] if len(parts) > 1 else 0)
+            _dequantize_4bit_kernel[(sum(programs),)](
+                *args, code, flat[at:], start1, start2,
+                PARTS=len(parts), HALF_BLOCKSIZE=blocksize // 2, NESTED=states[first][2] is not None,
+                NESTED_BLOCKSIZE=nested_blocksize, BF16_BITS=bf16_bits, BLOCK=_BLOCK_BYTES,
+                num_warps=_NUM_WARPS,
+                enable_fp_fusion=False,  # bitsandbytes rounds the product before adding the offset
+            )
+            at += sum(rows[p] for p in parts) * k
+    return out
+
+
 def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
                            nested_blocksize=NESTED_BLOCKSIZE, out=None):
-    """Run the Triton kernel; returns the ``[out, in]`` weight in ``dtype`` (or fills ``out``)."""
-    n = int(shape[0]) * int(shape[1])
-    if out is None:
-        out = torch.empty((int(shape[0]), int(shape[1])), dtype=dtype, device=packed.device)
-    n_bytes = cdiv(n, 2)
-    nested = absmax_8bit is not None
-    code = code_book(quant_type, packed.device)
-    with device_guard(packed):
-        _dequantize_4bit_kernel[(cdiv(n_bytes, _BLOCK_BYTES),)](
-            packed.reshape(-1), absmax.reshape(-1),
-            absmax_8bit.reshape(-1) if nested else absmax, absmax_code.reshape(-1) if nested else absmax,
-            absmax_offset.reshape(-1) if nested else absmax, code, out,
-            n, n_bytes,
-            HALF_BLOCKSIZE=blocksize // 2, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK_BYTES,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,  # bitsandbytes rounds the product before adding the offset
-        )
-    return out
+    """Run the Triton kernel on one weight; returns the ``[out, in]`` weight in ``dtype`` (or fills ``out``)."""
+    return dequantize_4bit_group_launch([(packed, absmax, absmax_8bit, absmax_code, absmax_offset)], [shape], blocksize,
+                                        quant_type, dtype, nested_blocksize, out)
 
 
 def dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
@@ -290,9 +344,12 @@ def _dequantize_4bit_fake(packed, absmax, absmax_8bit, absmax_code, absmax_offse
 
 
 class _Weights:
-    """The projections' 4-bit weights as a sequence: ``weights[p]`` dequantises W_p to ``dtype`` when
-    it is read (``lora_linear_fwd``/``_bwd`` read each once, in order, so one full-precision weight
-    is alive at a time)."""
+    """The projections' 4-bit weights as a sequence: ``weights[p]`` is W_p in ``dtype``, made when
+    first read. The first read dequantises every projection of the call (:func:`dequantize_weights`:
+    with the Triton kernel, in one launch into one buffer): one launch's fixed cost for q/k/v or
+    gate/up, not one each (bench/results/2026-12-03-h200-dequant-sweep2.jsonl: q/k/v of
+    Llama-3.1-8B 27.7 -> 22.2 us, gate/up 83.4 -> 79.6 us), for all of them alive during the call's
+    matmuls (gate/up of Llama-3.1-8B in bf16: 235 MB, against 117 MB one at a time)."""
 
     def __init__(self, packed, absmax, absmax_8bit, absmax_code, absmax_offset, shapes, blocksize, quant_type, nested_blocksize,
                  dtype, check=True):
@@ -300,16 +357,42 @@ class _Weights:
         self.shapes, self.blocksize, self.quant_type = shapes, blocksize, quant_type
         self.nested_blocksize, self.dtype = nested_blocksize, dtype
         self.check = check  # False: the caller has checked the state (the forward); the backward checks as it dequantises
+        self._views = None
 
     def __len__(self):
         return len(self.state[0])
 
-    def __getitem__(self, p):
+    def _one(self, p):
         packed, absmax, a8, code, offset = self.state
         nested = bool(a8)
-        return dequantize(packed[p], absmax[p], a8[p] if nested else None, code[p] if nested else None,
-                          offset[p] if nested else None, self.shapes[p], self.blocksize, self.quant_type, self.dtype,
-                          self.nested_blocksize, check=self.check)
+        return (packed[p], absmax[p], a8[p] if nested else None, code[p] if nested else None, offset[p] if nested else None)
+
+    def __getitem__(self, p):
+        if self._views is None:
+            self._views = dequantize_weights([self._one(q) for q in range(len(self))], self.shapes, self.blocksize,
+                                             self.quant_type, self.dtype, self.nested_blocksize, check=self.check)
+        return self._views[p]
+
+
+def dequantize_weights(states, shapes, blocksize, quant_type, dtype, nested_blocksize=NESTED_BLOCKSIZE, check=True) -> list:
+    """Every weight of one call in ``dtype`` (``states``: each one's ``(packed, absmax, absmax_8bit,
+    absmax_code, absmax_offset)``, one in_features). With the Triton kernel: one launch (up to three
+    weights a launch) into one buffer, the weights its row blocks; else the reference, one tensor
+    each. ``check=False``: the caller has checked the states already."""
+    if check:
+        for one, shape in zip(states, shapes):
+            _check_4bit(*one, shape, blocksize, quant_type, nested_blocksize)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"slothc: 4-bit weights dequantise to fp32, bf16 or fp16, not {dtype}")
+    if not use_triton(states[0][0]):
+        return [dequantize_4bit_reference(*one, shape, blocksize, quant_type, dtype, nested_blocksize)
+                for one, shape in zip(states, shapes)]
+    buf = dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, nested_blocksize)
+    views, at = [], 0
+    for m, _ in shapes:
+        views.append(buf[at : at + int(m)])
+        at += int(m)
+    return views
 
 
 def weight_shapes(shapes: Sequence[int], n_proj: int) -> list[tuple[int, int]]:
@@ -421,7 +504,7 @@ def qlora_linear_backward(
 ) -> list[torch.Tensor]:
     """``[dX, dXa, dA_0, ..., dB_0, ...]`` of ``slothc::qlora_linear`` (``x``: the adapters' input;
     ``grads[p]``: None where projection p's output got no gradient). Each ``W_p`` is dequantised
-    again here, only when ``dX`` is asked for, one at a time."""
+    again here, only when ``dX`` is asked for (:class:`_Weights`)."""
     ws = weight_shapes(shapes, len(packed))
     if need_dx:
         weights = _Weights(packed, absmax, absmax_8bit, absmax_code, absmax_offset, ws, blocksize, quant_type, nested_blocksize,

@@ -148,14 +148,15 @@ def test_qlora_step_under_inductor(checkpoint, reference_ops_on_cpu):
 
 
 def test_triton_dequantisation_in_a_training_step(checkpoint, monkeypatch):
-    """The Triton kernel (CUDA, or the interpreter on the CPU) dequantises each weight in the forward
-    and once more in the backward where dX is needed: everywhere but the first layer's q/k/v, whose
-    input (the normed frozen embeddings) needs no grad."""
+    """The Triton kernel (CUDA, or the interpreter on the CPU) dequantises each call's weights (q/k/v
+    together, o, gate/up together, down) in one launch in the forward and once more in the backward
+    where dX is needed: everywhere but the first layer's q/k/v, whose input (the normed frozen
+    embeddings) needs no grad."""
     if not torch.cuda.is_available() and not _launch.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    launches = count_calls(monkeypatch, qmod, ("dequantize_4bit_launch",))
+    launches = count_calls(monkeypatch, qmod, ("dequantize_4bit_group_launch",))
     _check_step(checkpoint)
-    assert launches["dequantize_4bit_launch"] == 7 * LAYERS + (7 * LAYERS - 3)
+    assert launches["dequantize_4bit_group_launch"] == 4 * LAYERS + (4 * LAYERS - 1)
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])

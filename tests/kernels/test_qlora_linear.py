@@ -130,6 +130,49 @@ def test_kernel_and_reference_agree_bit_for_bit(case):
     assert torch.equal(out, ref)
 
 
+@st.composite
+def group_dequant_cases(draw):
+    """Up to five weights of one in_features (more than the kernel's three a launch: two launches
+    into one buffer), odd row counts and widths included."""
+    blocksize = draw(st.sampled_from(BLOCKSIZES))
+    cols = draw(st.one_of(st.integers(1, 3).map(lambda b: b * blocksize), st.integers(1, 150)))
+    rows = draw(st.lists(st.integers(1, 90), min_size=1, max_size=5))
+    return dict(rows=rows, cols=cols, blocksize=blocksize, quant_type=draw(st.sampled_from(["nf4", "fp4"])),
+                nested=draw(st.booleans()), dtype=draw(testing.dtypes()), seed=draw(testing.seeds()))
+
+
+@given(case=group_dequant_cases())
+def test_weights_of_one_call_dequantise_together_bit_exactly(case):
+    """:func:`dequantize_weights` (the QLoRA op's path): every weight equals bitsandbytes' own, the
+    Triton kernel's weights are row blocks of one buffer, and it launches once a three weights."""
+    states, shapes, expected = [], [], []
+    for i, m in enumerate(case["rows"]):
+        w = testing.make_tensor((m, case["cols"]), torch.float32, case["seed"] + i, device=DEVICE)
+        packed, qs = quantize(w, case["blocksize"], case["quant_type"], case["nested"])
+        states.append(state_args(packed, qs))
+        shapes.append((m, case["cols"]))
+        expected.append(bnb_torch_dequantize(packed, qs, case["dtype"]))
+    with pytest.MonkeyPatch.context() as patch:
+        launches = count_launches(patch)
+        outs = qmod.dequantize_weights(states, shapes, case["blocksize"], case["quant_type"], case["dtype"])
+    for out, ref in zip(outs, expected):
+        assert out.dtype == case["dtype"] and torch.equal(out, ref)
+    if _launch.use_triton(states[0][0]):
+        n = len(shapes)
+        assert launches == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+        base = outs[0].untyped_storage().data_ptr()
+        assert all(o.untyped_storage().data_ptr() == base for o in outs)
+    else:
+        assert launches == []
+
+
+def test_weights_of_one_call_need_one_in_features():
+    w = [testing.make_tensor(shape, torch.float32, 0, device=DEVICE) for shape in ((8, 64), (8, 128))]
+    states = [state_args(*quantize(x, 64, "nf4", True)) for x in w]
+    with pytest.raises(ValueError, match="one in_features"):
+        qmod.dequantize_4bit_group_launch(states, [(8, 64), (8, 128)], 64, "nf4", torch.bfloat16)
+
+
 @given(
     rows=st.integers(1, 40), cols=st.integers(1, 70), blocksize=st.sampled_from(BLOCKSIZES),
     quant_type=st.sampled_from(["nf4", "fp4"]), nested=st.booleans(), dtype=testing.dtypes(), seed=testing.seeds(),
@@ -399,18 +442,39 @@ def test_projections_sharing_an_input_match_each_layer_alone(case):
 
 
 def test_group_dequantises_each_weight_once_a_pass(monkeypatch):
-    """Three projections: three dequantisations forward, three backward (for dX), none saved."""
+    """Three projections: all three dequantised together forward, again backward (for dX), none saved;
+    with the Triton kernel, in one launch each time."""
     case = dict(_simple(), ms=[40, 24, 24], group_adapters=[[(4, 2.0)], [(4, 2.0)], []], used=[True] * 3, biases=[True, False, False])
     layers, x, params, proj, scaling = _group_make(case)
     calls = []
-    original = qmod.dequantize
-    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(tuple(a[5])) or original(*a, **k))
+    original = qmod.dequantize_weights
+    monkeypatch.setattr(qmod, "dequantize_weights", lambda *a, **k: calls.append([tuple(s) for s in a[1]]) or original(*a, **k))
+    launches = count_launches(monkeypatch)
     biases = [layers[0].bias.to(torch.bfloat16), None, None]
     outs = call_op(x, layers, biases, [a for a, _ in params], [b for _, b in params], scaling, proj, *(torch.bfloat16,) * 3)
-    assert calls == [(40, 128), (24, 128), (24, 128)]
+    assert calls == [[(40, 128), (24, 128), (24, 128)]]
+    assert launches == ([3] if _launch.use_triton(x) else [])
     sum(o.float().sum() for o in outs[:3]).backward()
-    assert calls == [(40, 128), (24, 128), (24, 128)] * 2
+    assert calls == [[(40, 128), (24, 128), (24, 128)]] * 2
+    assert launches == ([3, 3] if _launch.use_triton(x) else [])
     assert all(a.grad is not None for a, _ in params) and x.grad is not None
+
+
+def count_launches(monkeypatch) -> list:
+    """The Triton kernel's launches, each as the number of weights it dequantised (PARTS)."""
+    launches = []
+    kernel = qmod._dequantize_4bit_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["PARTS"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(qmod, "_dequantize_4bit_kernel", Counting())
+    return launches
 
 
 def _simple(setup="bf16_model", adapters=((4, 2.0),), need_dx=True, nested=True, bias=True, quant_type="nf4", m=40, k=128,
@@ -432,8 +496,8 @@ def test_backward_dequantises_again_and_saves_no_weight(monkeypatch):
     layer, x, lora_a, lora_b = _qlora_make(case)
     fused, _, _ = _qlora_fns(case, layer)
     calls = []
-    original = qmod.dequantize
-    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(a[8]) or original(*a, **k))
+    original = qmod.dequantize_weights
+    monkeypatch.setattr(qmod, "dequantize_weights", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fused(x, *lora_a, *lora_b)
@@ -627,8 +691,8 @@ def test_qlora_mlp_keeps_neither_h_nor_w(monkeypatch):
     layer, g, u, lora_a, lora_b = _qlora_mlp_make(case)
     fused, _, _, _ = _qlora_mlp_fns(case, layer)
     calls = []
-    original = qmod.dequantize
-    monkeypatch.setattr(qmod, "dequantize", lambda *a, **k: calls.append(tuple(a[5])) or original(*a, **k))
+    original = qmod.dequantize_weights
+    monkeypatch.setattr(qmod, "dequantize_weights", lambda *a, **k: calls.append(tuple(a[1][0])) or original(*a, **k))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fused(g, u, *lora_a, *lora_b)
