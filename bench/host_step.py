@@ -6,8 +6,11 @@ check is done. Host cost depends on the module tree and the number of graph inpu
 widths, so this builds workload (a)'s or (b)'s structure (``--layers`` Llama layers, LoRA on the
 seven linears; ``--qlora``: bitsandbytes NF4 with double quantisation) at tiny widths, runs the
 training step of ``slothc.train_bench`` (bf16 autocast, fused AdamW, the loss read at the end) and
-times each phase on the host, the device synchronised before and after, so that a phase's time is
-its own host work (plus any sync inside it):
+times each phase, the device synchronised before it: ``host`` is the time until the call returns
+(its own host work, plus any sync inside it), ``to sync`` until the device is done too. With CUDA
+graphs it also times ``before replay``: from the call to the first graph replay, the host work that
+the GPU waits for after the previous step's loss is read (the guards, AOTAutograd's and the graph
+tree's input handling):
 
     python3 bench/host_step.py --qlora                         # CPU, the slothc backend
     python3 bench/host_step.py --qlora --device cuda --cudagraphs
@@ -81,34 +84,46 @@ def main() -> None:
     sync = torch.cuda.synchronize if fused else (lambda: None)
     n_inputs = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
 
+    replays: list = []
+    if args.cudagraphs:
+        replay = torch.cuda.CUDAGraph.replay
+
+        def timed_replay(self):
+            replays.append(time.perf_counter())
+            return replay(self)
+
+        torch.cuda.CUDAGraph.replay = timed_replay
+
+    def phase(name, fn, times, prof=None):
+        sync()
+        replays.clear()
+        t0 = time.perf_counter()
+        prof and prof.enable()
+        out = fn()
+        prof and prof.disable()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        if times is not None:
+            times.setdefault((name, "host"), []).append((t1 - t0) * 1e3)
+            times.setdefault((name, "to sync"), []).append((t2 - t0) * 1e3)
+            if replays:
+                times.setdefault((name, "before replay"), []).append((replays[0] - t0) * 1e3)
+        return out
+
     def step(times=None, prof=None):
-        marks = []
-
-        def mark():
-            sync()
-            marks.append(time.perf_counter())
-
         if args.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        mark()
-        prof and prof.enable()
-        with autocast:
-            loss = run(input_ids=ids, labels=ids).loss
-        prof and prof.disable()
-        mark()
-        prof and prof.enable()
-        loss.backward()
-        prof and prof.disable()
-        mark()
-        opt.step()
-        mark()
-        opt.zero_grad(set_to_none=True)
-        mark()
-        float(loss.detach())
-        mark()
-        if times is not None:
-            for name, a, b in zip(PHASES, marks, marks[1:]):
-                times.setdefault(name, []).append((b - a) * 1e3)
+
+        def forward():
+            with autocast:
+                return run(input_ids=ids, labels=ids).loss
+
+        loss = phase("forward", forward, times, prof)
+        phase("backward", loss.backward, times, prof)
+        phase("optimizer", opt.step, times)
+        phase("zero_grad", lambda: opt.zero_grad(set_to_none=True), times)
+        phase("loss_read", lambda: float(loss.detach()), times)
 
     for _ in range(3):
         step()
@@ -119,12 +134,13 @@ def main() -> None:
     print(f"{args.layers} layers, {kind}, {args.device}, slothc{' with CUDA graphs' if args.cudagraphs else ''}"
           f"{', unsafe guard filter' if args.guard_filter else ''}; torch {torch.__version__}; "
           f"{n_inputs} parameters and buffers, {len(params)} trainable")
-    total = 0.0
-    for name in PHASES:
-        med = statistics.median(times[name])
-        total += med
-        print(f"  {name:10s} {med:8.3f} ms (median of {args.steps}; min {min(times[name]):.3f})")
-    print(f"  {'sum':10s} {total:8.3f} ms")
+    print(f"  ms, median of {args.steps} steps (min)")
+    for key in ("host", "to sync", "before replay"):
+        cells = []
+        for name in PHASES:
+            v = times.get((name, key))
+            cells.append(f"{name} {statistics.median(v):.3f} ({min(v):.3f})" if v else f"{name} -")
+        print(f"  {key:13s} " + ", ".join(cells))
     if args.cprofile:
         prof = cProfile.Profile()
         for _ in range(args.cprofile):
