@@ -26,7 +26,7 @@ code = Q.code_book("nf4", p.device)
 def raw(fuse):
     kw = dict(PARTS=1, HALF_BLOCKSIZE=32, NESTED=True, NESTED_BLOCKSIZE=256, BF16_BITS=False, BLOCK=2048, num_warps=4)
     if not fuse: kw["enable_fp_fusion"] = False
-    one = (p, st[1], st[2], st[3], st[4], 4096)
+    one = (p, st[1], st[2], st[3], st[4], 4096, 2048)
     k[(1,)](*one, *one, *one, code, out, 1, 1, **kw)
 print("raw launch with enable_fp_fusion=False", host_us(lambda: raw(False)))
 print("raw launch default options", host_us(lambda: raw(True)))

@@ -195,12 +195,14 @@ _MAX_PARTS = 3  # weights a launch (q/k/v; gate/up)
 
 @triton.jit
 def _dequantize_part(
-    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr, n, pid,
+    packed_ptr, absmax_ptr, absmax_8bit_ptr, absmax_code_ptr, absmax_offset_ptr, code_ptr, out_ptr, n, n_bytes, pid,
     HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BF16_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Bytes ``pid * BLOCK ..`` of one weight of ``n`` values into ``out_ptr`` (its first value)."""
-    n_bytes = (n + 1) // 2
+    """Bytes ``pid * BLOCK ..`` of one weight of ``n`` values (``n_bytes = ceil(n / 2)``) into
+    ``out_ptr`` (its first value). ``n_bytes`` is an argument, not computed here: Triton then knows
+    when it is a multiple of 16 and loads the bytes 16 at a time (computed in the kernel, the loads
+    went byte by byte: 60 us against 43 at 4096x14336 on the H200, diag_dequant_step.py)."""
     byte = pid * BLOCK + tl.arange(0, BLOCK)
     in_range = byte < n_bytes
     b = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
@@ -229,9 +231,9 @@ def _dequantize_part(
 
 @triton.jit
 def _dequantize_4bit_kernel(
-    packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, n0,
-    packed1, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, n1,
-    packed2, absmax2, absmax_8bit2, absmax_code2, absmax_offset2, n2,
+    packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, n0, n_bytes0,
+    packed1, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, n1, n_bytes1,
+    packed2, absmax2, absmax_8bit2, absmax_code2, absmax_offset2, n2, n_bytes2,
     code_ptr, out_ptr, start1, start2,
     PARTS: tl.constexpr, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
@@ -240,14 +242,14 @@ def _dequantize_4bit_kernel(
     ``[0, start1)`` the first, ``[start1, start2)`` the second, the rest the third."""
     pid = tl.program_id(0).to(tl.int64)
     if PARTS == 1 or pid < start1:
-        _dequantize_part(packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, code_ptr, out_ptr, n0, pid,
+        _dequantize_part(packed0, absmax0, absmax_8bit0, absmax_code0, absmax_offset0, code_ptr, out_ptr, n0, n_bytes0, pid,
                          HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
     elif PARTS == 2 or pid < start2:
         _dequantize_part(packed1, absmax1, absmax_8bit1, absmax_code1, absmax_offset1, code_ptr, out_ptr + n0, n1,
-                         pid - start1, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
+                         n_bytes1, pid - start1, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
     else:
         _dequantize_part(packed2, absmax2, absmax_8bit2, absmax_code2, absmax_offset2, code_ptr, out_ptr + n0 + n1, n2,
-                         pid - start2, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
+                         n_bytes2, pid - start2, HALF_BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, BF16_BITS, BLOCK)
 
 
 def dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, nested_blocksize=NESTED_BLOCKSIZE, out=None):
@@ -276,7 +278,7 @@ def dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, n
                 nested = a8 is not None
                 args += [packed.reshape(-1), absmax.reshape(-1), a8.reshape(-1) if nested else absmax,
                          a_code.reshape(-1) if nested else absmax, offset.reshape(-1) if nested else absmax,
-                         rows[p] * k]
+                         rows[p] * k, cdiv(rows[p] * k, 2)]
             programs = [cdiv(cdiv(rows[p] * k, 2), _BLOCK_BYTES) for p in parts]
             start1 = programs[0]
             start2 = start1 + (programs[1] if len(parts) > 1 else 0)
