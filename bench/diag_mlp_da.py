@@ -38,3 +38,11 @@ for i in range(len(a)):
     for r, c in bad[:6]:
         print(f"  [{r},{c}] fast {da[r, c].item():.6g} composed {da_slow[r, c].item():.6g} ref {ref[r, c].item():.6g} "
               f"|terms| {mag[r, c].item():.4g} bound {bound[r, c].item():.3g} err {err[r, c].item():.3g}")
+
+# The suspect: the backward kernel recomputes h = act(g) * u in registers, and on the GPU its act(g)
+# (with the compiler's fused multiply-adds) may round differently from the forward kernel's, so a
+# few bf16 values of h differ by one ulp. Count them against torch's fp32 formula and the forward's h.
+hf = M.mlp_act_fwd(g, u, act).reshape(-1, g.shape[-1])
+x = g.reshape(hf.shape).float()
+torch_h = (torch.nn.functional.gelu(x, approximate="tanh") * u.reshape(hf.shape).float()).to(hf.dtype)
+print(f"forward kernel's h against torch's fp32 formula: {(hf != torch_h).sum().item()} of {hf.numel()} values differ")
