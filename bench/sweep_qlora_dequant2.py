@@ -1,7 +1,7 @@
 """The dequant kernel's second sweep on the GPU: how the values are stored and looked up, and
 several weights in one launch (bench only: the winner goes into slothc/kernels/qlora_linear.py).
 
-The kernel on main (2026-12-03) reaches 50%, 71% and 84% of the 1 GiB copy bandwidth at 4096²,
+The kernel on main before this sweep (2026-12-03) reached 50%, 71% and 84% of the 1 GiB copy bandwidth at 4096²,
 14336x4096 and 128256x4096, where a copy of the same bytes reaches 64%, 88% and 99%
 (bench/results/2026-12-01-h200-qlora-dequant-sweep.jsonl). Candidates, every one checked bit-exact
 against bitsandbytes' ``dequantize_4bit`` before it is timed (NF4, blocksize 64, double quant, bf16):

@@ -272,7 +272,7 @@ def dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, n
     with device_guard(states[0][0]):
         for first in range(0, len(states), _MAX_PARTS):
             parts = list(range(first, min(first + _MAX_PARTS, len(states))))
-            args, programs = [], []
+            args = []
             for p in parts + [parts[-1]] * (_MAX_PARTS - len(parts)):  # unused slots repeat the last weight
                 packed, absmax, a8, a_code, offset = states[p]
                 nested = a8 is not None
