@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import linecache
 import math
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import sympy
 import torch
@@ -174,11 +174,19 @@ class _Printer:
                 return f"({self(c.lhs)} {op} {self(c.rhs)})"
         raise NotImplementedError(f"condition {c}")
 
-    def block(self, exprs: list, names: list, indent: str) -> str:
-        """Statements computing ``exprs`` into ``names``, common subexpressions shared (sympy.cse)."""
+    def block(self, exprs: list, names: list, indent: str, keep: Optional[Sequence[str]] = None) -> str:
+        """Statements computing ``exprs`` into ``names``, common subexpressions shared (sympy.cse).
+        ``keep``: emit only the statements these names need, from the same shared form, so that a
+        kernel computing ``f`` alone computes it with the same operations, in the same order, as
+        one computing ``f`` and ``df`` (and so rounds it the same way)."""
         replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t"))
-        lines = [f"{indent}{sym.name} = {self(val)}" for sym, val in replacements]
-        lines += [f"{indent}{name} = {self(expr)}" for name, expr in zip(names, reduced)]
+        outputs = [(name, expr) for name, expr in zip(names, reduced) if keep is None or name in keep]
+        needed = set().union(*(e.free_symbols for _, e in outputs)) if outputs else set()
+        for sym, val in reversed(replacements):
+            if sym in needed:
+                needed |= val.free_symbols
+        lines = [f"{indent}{sym.name} = {self(val)}" for sym, val in replacements if keep is None or sym in needed]
+        lines += [f"{indent}{name} = {self(expr)}" for name, expr in outputs]
         return "\n".join(lines)
 
 
@@ -334,7 +342,10 @@ class Activation:
         p = _Printer("triton")
         return _TRITON_TEMPLATE.format(
             name=self.name,
-            forward=p.block([self._forward_expr], ["f"], "    "),
+            # f in the forward kernel from the backward's shared form: the backward kernel that
+            # recomputes h = act(g) * u for dA (bwd_da) must round it as the forward stored it
+            # (gelu_tanh's two forms of the tanh argument differed in the last bit on the H200).
+            forward=p.block([self._forward_expr, self.derivative], ["f", "df"], "    ", keep=["f"]),
             backward=p.block([self._forward_expr, self.derivative], ["f", "df"], "    "),
             backward_2d=p.block([self._forward_expr, self.derivative], ["f", "df"], "        "),
         )

@@ -102,3 +102,42 @@ def test_generated_sources_are_readable_by_inspect():
     a = ACTIVATIONS["gelu"]
     src = inspect.getsource(a.fwd_kernel.fn)  # what triton.jit reads
     assert "_mlp_gelu_fwd_kernel" in src
+
+
+def _f_statements(source: str, kernel: str) -> list[str]:
+    """The statements of ``kernel`` in ``source`` that compute ``f`` (the t-temporaries and ``f``),
+    as emitted, in order; ``df`` and the loads and stores left out."""
+    body = source[source.index(f"def {kernel}(") :]
+    body = body[: body.index("\n\n\n")] if "\n\n\n" in body else body
+    lines = [line.strip() for line in body.splitlines()]
+    assigned = [line for line in lines if line.split(" = ")[0].rstrip() in {"f"} | {f"t{i}" for i in range(64)}]
+    used = set()
+    for line in reversed(assigned):  # keep the temporaries f needs
+        name, expr = line.split(" = ", 1)
+        if name == "f" or name in used:
+            used |= {tok for tok in expr.replace("(", " ").replace(")", " ").replace(",", " ").split() if tok.startswith("t")}
+            used.add(name)
+    return [line for line in assigned if line.split(" = ")[0] in used]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_forward_kernel_computes_f_as_the_backward_kernels_do(name):
+    """The backward kernel that sums dA = G^T h recomputes h = act(g) * u in registers and must get
+    the forward kernel's bits: the same operations in the same order. gelu_tanh's forward once
+    formed the tanh argument as x * sqrt(2) * (1 + c x^2) / sqrt(pi) and the backward as
+    (x * sqrt(2) / sqrt(pi)) * (1 + c x^2), and on the H200 one dA element in 80 examples was off
+    (tests/kernels/test_mlp.py::test_one_kernel_backward_matches_the_composed_one)."""
+    source = derive.activation(name).triton_source
+    forward = _f_statements(source, f"_mlp_{name}_fwd_kernel")
+    assert forward and forward[-1].startswith("f = ")
+    assert _f_statements(source, f"_mlp_{name}_bwd_kernel") == forward
+    assert _f_statements(source, f"_mlp_{name}_bwd_da_kernel") == forward
+
+
+def test_block_keep_emits_only_what_the_kept_names_need():
+    p = derive._Printer("torch")
+    exprs = [sympy.exp(X) * X, sympy.tanh(X) * sympy.exp(X)]
+    full = p.block(exprs, ["f", "df"], "")
+    kept = p.block(exprs, ["f", "df"], "", keep=["f"])
+    assert "df" in full and "df" not in kept and "tanh" in full and "tanh" not in kept
+    assert all(line in full.splitlines() for line in kept.splitlines())
