@@ -354,7 +354,7 @@ class Activation:
     def torch_source(self) -> str:
         p = _Printer("torch")
         return _TORCH_TEMPLATE.format(
-            forward=p.block([self._forward_expr], ["f"], "    "),
+            forward=p.block([self._forward_expr, self.derivative], ["f", "df"], "    ", keep=["f"]),  # as the kernels
             backward=p.block([self._forward_expr, self.derivative], ["f", "df"], "    "),
         )
 
