@@ -32,6 +32,7 @@ import sys
 import time
 
 import torch
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 sys.path[:0] = ["bench"]
@@ -70,8 +71,7 @@ def _constant(gm, example_inputs):
             outs.append(gm(*args))
         return outs[0]
 
-    run._boxed_call = False
-    return run
+    return make_boxed_func(run)
 
 
 def _backend(drop_state: bool, counts: dict):
