@@ -303,16 +303,9 @@ def dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offs
 def dequantize(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype,
                nested_blocksize=NESTED_BLOCKSIZE, check=True):
     """Dequantise with the Triton kernel where it runs (CUDA, or the interpreter), else the reference.
-    ``check=False``: the caller has checked the state already."""
-    if check:
-        _check_4bit(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, nested_blocksize)
-    if dtype not in KERNEL_DTYPES:
-        raise ValueError(f"slothc: 4-bit weights dequantise to fp32, bf16 or fp16, not {dtype}")
-    if use_triton(packed):
-        return dequantize_4bit_launch(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-                                      dtype, nested_blocksize)
-    return dequantize_4bit_reference(packed, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-                                     dtype, nested_blocksize)
+    ``check=False``: the caller has checked the state already. One weight of :func:`dequantize_weights`."""
+    return dequantize_weights([(packed, absmax, absmax_8bit, absmax_code, absmax_offset)], [shape], blocksize, quant_type, dtype,
+                              nested_blocksize, check=check)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +383,8 @@ def dequantize_weights(states, shapes, blocksize, quant_type, dtype, nested_bloc
         return [dequantize_4bit_reference(*one, shape, blocksize, quant_type, dtype, nested_blocksize)
                 for one, shape in zip(states, shapes)]
     buf = dequantize_4bit_group_launch(states, shapes, blocksize, quant_type, dtype, nested_blocksize)
+    if len(shapes) == 1:
+        return [buf]  # the buffer itself, not a view of it
     views, at = [], 0
     for m, _ in shapes:
         views.append(buf[at : at + int(m)])
