@@ -15,6 +15,11 @@ tree's input handling):
     python3 bench/host_step.py --qlora                         # CPU, the slothc backend
     python3 bench/host_step.py --qlora --device cuda --cudagraphs
     python3 bench/host_step.py --qlora --device cuda --cudagraphs --cprofile 30
+    python3 bench/host_step.py --device cuda --cudagraphs --syncs
+
+``--syncs`` then profiles one step (torch.profiler) and prints where the host waits on the device
+inside the step (``aten::item`` and the other ops that synchronise, with the ops and Python frames
+around them) and which host ops launch kernels outside the CUDA graphs' replays.
 
 ``--cprofile N`` adds Python's profiler over the forward and backward calls, its top functions by
 own time (the profiler slows Python code about twofold; its shares are the point, not its times).
@@ -65,6 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="then N steps under cProfile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--syncs", action="store_true", help="then one profiled step: its syncs and its launches outside the graphs")
     args = ap.parse_args()
     from slothc.backend import slothc as backend
 
@@ -150,6 +156,56 @@ def main() -> None:
             pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
             print(f"cProfile of forward + backward over {args.cprofile} steps, by {key}:")
             print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
+    if args.syncs:
+        syncs_and_launches(step)
+
+
+SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def _chain(event, limit: int = 12) -> list:
+    names, e = [], event.cpu_parent
+    while e is not None:
+        names.append(e.name[:110])
+        e = e.cpu_parent
+    return names[:limit]
+
+
+def syncs_and_launches(step) -> None:
+    """One step under torch.profiler: each kind of sync with the ops around it (innermost first) and
+    the Python frames where it was called, then the host ops that launch work outside a graph replay."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        step()
+    events = list(prof.events())
+    syncs = Counter()
+    frames = {}
+    for e in events:
+        if e.name in SYNCS and not (e.cpu_parent is not None and e.cpu_parent.name in SYNCS):
+            key = (e.name, tuple(_chain(e)))
+            syncs[key] += 1
+            frames.setdefault(key, [f for f in e.stack if "torch/profiler" not in f][:8])
+    print(f"syncs in one step: {sum(syncs.values())}")
+    for (name, chain), n in syncs.most_common():
+        print(f"  {n} x {name} < " + " < ".join(chain))
+        for f in frames[(name, chain)]:
+            print(f"        {f}")
+    launches = Counter()
+    for e in events:
+        if e.name in LAUNCHES:
+            chain = _chain(e, 40)
+            if any("cudaGraphLaunch" in c for c in chain):
+                continue
+            ops = [c for c in chain if c.startswith("aten::") or "::" in c and not c.startswith("##")]
+            launches[(e.name, ops[-1] if ops else (chain[0] if chain else "-"))] += 1
+    graph_launches = sum(1 for e in events if e.name == "cudaGraphLaunch")
+    print(f"graph replays in one step: {graph_launches}; launches outside them: {sum(launches.values())}, by outermost op:")
+    for (name, op), n in launches.most_common(30):
+        print(f"  {n} x {name} under {op}")
 
 
 if __name__ == "__main__":
