@@ -16,8 +16,10 @@ tree's input handling):
     python3 bench/host_step.py --qlora --device cuda --cudagraphs
     python3 bench/host_step.py --qlora --device cuda --cudagraphs --cprofile 30
     python3 bench/host_step.py --device cuda --cudagraphs --syncs
+    python3 bench/host_step.py --qlora --device cuda --cudagraphs --cprofile-forward 20
 
-``--syncs`` then profiles one step (torch.profiler) and prints where the host waits on the device
+``--cprofile-forward N`` (with ``--cudagraphs``) profiles only the forward call up to its first
+graph replay: the host work the GPU waits for between steps. ``--syncs`` then profiles one step (torch.profiler) and prints where the host waits on the device
 inside the step (``aten::item`` and the other ops that synchronise, with the ops and Python frames
 around them) and which host ops launch kernels outside the CUDA graphs' replays.
 
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="then N steps under cProfile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cprofile-forward", type=int, default=0, metavar="N",
+                    help="then N steps with cProfile over the forward call up to its first graph replay (with --cudagraphs)")
     ap.add_argument("--syncs", action="store_true", help="then one profiled step: its syncs and its launches outside the graphs")
     args = ap.parse_args()
     from slothc.backend import slothc as backend
@@ -91,11 +95,14 @@ def main() -> None:
     n_inputs = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
 
     replays: list = []
+    stop_at_replay: list = []
     if args.cudagraphs:
         replay = torch.cuda.CUDAGraph.replay
 
         def timed_replay(self):
             replays.append(time.perf_counter())
+            while stop_at_replay:  # --cprofile-forward: the host work before the first replay only
+                stop_at_replay.pop().disable()
             return replay(self)
 
         torch.cuda.CUDAGraph.replay = timed_replay
@@ -117,13 +124,19 @@ def main() -> None:
                 times.setdefault((name, "before replay"), []).append((replays[0] - t0) * 1e3)
         return out
 
-    def step(times=None, prof=None):
+    def step(times=None, prof=None, forward_prof=None):
         if args.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
 
         def forward():
+            if forward_prof is not None:
+                stop_at_replay.append(forward_prof)
+                forward_prof.enable()
             with autocast:
-                return run(input_ids=ids, labels=ids).loss
+                out = run(input_ids=ids, labels=ids).loss
+            while stop_at_replay:
+                stop_at_replay.pop().disable()
+            return out
 
         loss = phase("forward", forward, times, prof)
         phase("backward", loss.backward, times, prof)
@@ -155,6 +168,15 @@ def main() -> None:
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
             print(f"cProfile of forward + backward over {args.cprofile} steps, by {key}:")
+            print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
+    if args.cprofile_forward:
+        prof = cProfile.Profile()
+        for _ in range(args.cprofile_forward):
+            step(forward_prof=prof)
+        for key in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
+            print(f"cProfile of the forward call up to its first graph replay, over {args.cprofile_forward} steps, by {key}:")
             print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
     if args.syncs:
         syncs_and_launches(step)
