@@ -55,6 +55,7 @@ table of the slothc steps' top kernels (with and without CUDA graphs), with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -186,7 +187,8 @@ def run_workload(workload: Workload, variants, args, write=None) -> dict:
             r = results[variant]
             if r.get("tokens_per_s"):
                 peak = f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
-                detail = f", {r['tokens_per_s']:.0f} tokens/s{peak}, losses {', '.join(f'{x:.4f}' for x in r['losses'][:3])}"
+                host = f", {r['before_replay_ms']:.1f} ms before the first graph replay" if r.get("before_replay_ms") is not None else ""
+                detail = f", {r['tokens_per_s']:.0f} tokens/s{peak}{host}, losses {', '.join(f'{x:.4f}' for x in r['losses'][:3])}"
             else:
                 detail = f" ({r.get('reason', '')[:300]})"
             print(f"[{workload.name}] {variant}: {r.get('status')}{detail} in {time.time() - t0:.0f} s", flush=True)
@@ -356,16 +358,23 @@ def child_main(args) -> dict:
         vocab = model.config.vocab_size
         batches = _batches(vocab, workload.batch, workload.seq, args.warmup + args.steps, args.device)
         torch.cuda.reset_peak_memory_stats() if cuda else None
-        times, losses = [], []
-        for ids in batches:
-            t0 = time.perf_counter()
-            losses.append(step(ids))
-            times.append(time.perf_counter() - t0)
+        times, losses, before_replay = [], [], []
+        with _first_replays(variant == "slothc_cudagraphs") as replays:
+            for ids in batches:
+                replays.clear()
+                t0 = time.perf_counter()
+                losses.append(step(ids))
+                times.append(time.perf_counter() - t0)
+                before_replay.append((replays[0] - t0) * 1e3 if replays else None)
         timed = times[args.warmup:]
         median = statistics.median(timed)
         tokens = workload.batch * workload.seq
         out.update(tokens_per_s=tokens / median, step_ms=median * 1e3, compile_s=max(times[0] - median, 0.0), losses=losses,
                    n_lora=n_lora)
+        if all(b is not None for b in before_replay[args.warmup:]):
+            # the host time from the step's call (right after the last step's loss read, a sync) to
+            # its first CUDA-graph replay: the GPU has nothing to do meanwhile
+            out["before_replay_ms"] = statistics.median(before_replay[args.warmup:])
         if cuda:
             out.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
             peak = matmul_peak_tflops()
@@ -392,6 +401,29 @@ def child_main(args) -> dict:
     except Exception as e:  # noqa: BLE001  (recorded, and the next variant runs)
         out = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:600], "traceback": traceback.format_exc()[-2000:]}
     return out
+
+
+@contextlib.contextmanager
+def _first_replays(on: bool):
+    """While on, the times (``time.perf_counter``) of every CUDA-graph replay, in a list the caller
+    clears at each step."""
+    import torch
+
+    times: list = []
+    if not on:
+        yield times
+        return
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed(self):
+        times.append(time.perf_counter())
+        return replay(self)
+
+    torch.cuda.CUDAGraph.replay = timed
+    try:
+        yield times
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
 
 
 def _recompile_reasons(limit: int = 10) -> list:
@@ -633,6 +665,10 @@ def markdown(result: dict) -> str:
             fused = ", ".join(f"{k} {n}" for k, n in sorted(r["fused"].items())) or "nothing"
             lines += ["", f"{name} fused: {fused}; graphs {r.get('graphs', '-')}"]
             lines += [f"- skipped: {s}" for s in r.get("skipped", [])[:10]]
+    for name, r in ok.items():
+        if r.get("before_replay_ms") is not None:
+            lines += ["", f"{name}: {r['before_replay_ms']:.1f} ms a step (median, no profiler) from the step's call, right after "
+                      "the last step's loss was read, to its first CUDA-graph replay: host time the GPU waits through"]
     for name, r in ok.items():
         prof = r.get("profile")
         if prof:

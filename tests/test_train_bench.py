@@ -239,3 +239,30 @@ def test_guard_filter_skips_the_guards_on_module_attributes(guard_filter):
         torch._dynamo.reset()
     torch.testing.assert_close(second, first * (1.0 if guard_filter == "nn_modules" else 1.5))
     assert report.graphs == (1 if guard_filter == "nn_modules" else 2), str(report)
+
+
+def test_first_replays_times_each_graph_replay_and_restores_the_method(monkeypatch):
+    """The host time before a step's first CUDA-graph replay (``before_replay_ms``) is read from
+    the replay times this records; off (a variant without CUDA graphs) it records nothing."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: calls.append(self))
+    original = torch.cuda.CUDAGraph.replay
+    with train_bench._first_replays(False) as times:
+        assert torch.cuda.CUDAGraph.replay is original
+    with train_bench._first_replays(True) as times:
+        assert torch.cuda.CUDAGraph.replay is not original
+        torch.cuda.CUDAGraph.replay("g1")
+        torch.cuda.CUDAGraph.replay("g2")
+    assert calls == ["g1", "g2"] and len(times) == 2 and times[0] <= times[1]
+    assert torch.cuda.CUDAGraph.replay is original
+
+
+def test_markdown_gives_the_host_time_before_the_first_replay():
+    result = {"workload": {"name": "x", "description": "d"}, "device": "dev", "versions": {"torch": "2"}, "date": "d", "steps": 1,
+              "warmup": 1, "variants": {"slothc_cudagraphs": {"status": "ok", "tokens_per_s": 100.0, "before_replay_ms": 9.87},
+                                        "eager": {"status": "ok", "tokens_per_s": 50.0}}}
+    table = train_bench.markdown(result)
+    assert "slothc_cudagraphs: 9.9 ms a step (median, no profiler)" in table
+    assert sum("first CUDA-graph replay" in line for line in table.splitlines()) == 1  # the variant that has it
