@@ -160,26 +160,23 @@ def main() -> None:
             v = times.get((name, key))
             cells.append(f"{name} {statistics.median(v):.3f} ({min(v):.3f})" if v else f"{name} -")
         print(f"  {key:13s} " + ", ".join(cells))
-    if args.cprofile:
-        prof = cProfile.Profile()
-        for _ in range(args.cprofile):
-            step(prof=prof)
-        for key in ("tottime", "cumulative"):
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
-            print(f"cProfile of forward + backward over {args.cprofile} steps, by {key}:")
-            print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
-    if args.cprofile_forward:
-        prof = cProfile.Profile()
-        for _ in range(args.cprofile_forward):
-            step(forward_prof=prof)
-        for key in ("tottime", "cumulative"):
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
-            print(f"cProfile of the forward call up to its first graph replay, over {args.cprofile_forward} steps, by {key}:")
-            print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
+    for n, what, kw in ((args.cprofile, "forward + backward", "prof"),
+                        (args.cprofile_forward, "the forward call up to its first graph replay", "forward_prof")):
+        if n:
+            prof = cProfile.Profile()
+            for _ in range(n):
+                step(**{kw: prof})
+            print_profile(prof, f"cProfile of {what} over {n} steps", args.top)
     if args.syncs:
         syncs_and_launches(step)
+
+
+def print_profile(prof, title: str, top: int) -> None:
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(top)
+        print(f"{title}, by {key}:")
+        print(s.getvalue().split("\n", 4)[-1] if key == "tottime" else s.getvalue())
 
 
 SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
