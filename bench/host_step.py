@@ -19,9 +19,10 @@ tree's input handling):
     python3 bench/host_step.py --qlora --device cuda --cudagraphs --cprofile-forward 20
 
 ``--cprofile-forward N`` (with ``--cudagraphs``) profiles only the forward call up to its first
-graph replay: the host work the GPU waits for between steps. ``--syncs`` then profiles one step (torch.profiler) and prints where the host waits on the device
-inside the step (``aten::item`` and the other ops that synchronise, with the ops and Python frames
-around them) and which host ops launch kernels outside the CUDA graphs' replays.
+graph replay: the host work the GPU waits for between steps. ``--syncs`` then profiles one step
+(torch.profiler) and prints where the host waits on the device inside the step (``aten::item`` and
+the other ops that synchronise, with the ops and Python frames around them) and which host ops
+launch kernels outside the CUDA graphs' replays.
 
 ``--cprofile N`` adds Python's profiler over the forward and backward calls, its top functions by
 own time (the profiler slows Python code about twofold; its shares are the point, not its times).
@@ -31,6 +32,7 @@ Bench only (not a test).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -42,6 +44,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slothc.tiny import load_in_4bit
+from slothc.train_bench import replay_times
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("forward", "backward", "optimizer", "zero_grad", "loss_read")
@@ -94,18 +97,14 @@ def main() -> None:
     sync = torch.cuda.synchronize if fused else (lambda: None)
     n_inputs = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
 
-    replays: list = []
     stop_at_replay: list = []
-    if args.cudagraphs:
-        replay = torch.cuda.CUDAGraph.replay
 
-        def timed_replay(self):
-            replays.append(time.perf_counter())
-            while stop_at_replay:  # --cprofile-forward: the host work before the first replay only
-                stop_at_replay.pop().disable()
-            return replay(self)
+    def stop_profiles():  # --cprofile-forward: the host work before the first replay only
+        while stop_at_replay:
+            stop_at_replay.pop().disable()
 
-        torch.cuda.CUDAGraph.replay = timed_replay
+    hooks = contextlib.ExitStack()  # kept to the end of main: the replays stay timed for the whole run
+    replays = hooks.enter_context(replay_times(args.cudagraphs, on_replay=stop_profiles))
 
     def phase(name, fn, times, prof=None):
         sync()
@@ -134,8 +133,7 @@ def main() -> None:
                 forward_prof.enable()
             with autocast:
                 out = run(input_ids=ids, labels=ids).loss
-            while stop_at_replay:
-                stop_at_replay.pop().disable()
+            stop_profiles()
             return out
 
         loss = phase("forward", forward, times, prof)

@@ -359,7 +359,7 @@ def child_main(args) -> dict:
         batches = _batches(vocab, workload.batch, workload.seq, args.warmup + args.steps, args.device)
         torch.cuda.reset_peak_memory_stats() if cuda else None
         times, losses, before_replay = [], [], []
-        with _first_replays(variant == "slothc_cudagraphs") as replays:
+        with replay_times(variant == "slothc_cudagraphs") as replays:
             for ids in batches:
                 replays.clear()
                 t0 = time.perf_counter()
@@ -404,9 +404,10 @@ def child_main(args) -> dict:
 
 
 @contextlib.contextmanager
-def _first_replays(on: bool):
+def replay_times(on: bool, on_replay=None):
     """While on, the times (``time.perf_counter``) of every CUDA-graph replay, in a list the caller
-    clears at each step."""
+    clears at each step; ``on_replay()``, if given, runs just before each replay (after its time is
+    taken)."""
     import torch
 
     times: list = []
@@ -417,6 +418,8 @@ def _first_replays(on: bool):
 
     def timed(self):
         times.append(time.perf_counter())
+        if on_replay is not None:
+            on_replay()
         return replay(self)
 
     torch.cuda.CUDAGraph.replay = timed

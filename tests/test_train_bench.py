@@ -249,9 +249,9 @@ def test_first_replays_times_each_graph_replay_and_restores_the_method(monkeypat
     calls = []
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: calls.append(self))
     original = torch.cuda.CUDAGraph.replay
-    with train_bench._first_replays(False) as times:
+    with train_bench.replay_times(False) as times:
         assert torch.cuda.CUDAGraph.replay is original
-    with train_bench._first_replays(True) as times:
+    with train_bench.replay_times(True) as times:
         assert torch.cuda.CUDAGraph.replay is not original
         torch.cuda.CUDAGraph.replay("g1")
         torch.cuda.CUDAGraph.replay("g2")
