@@ -13,12 +13,19 @@ backend), and counts the guards by type:
     python3 bench/guard_cost.py --unsafe                         # skip_guard_on_all_nn_modules_unsafe
     python3 bench/guard_cost.py --dict-tags on                   # Dynamo's recursive dict-tag fast path
     python3 bench/guard_cost.py --qlora --device cuda            # 4-bit linears (bitsandbytes) on the GPU
+    python3 bench/guard_cost.py --between step                   # an eager training step between calls
 
 The timing is the wall time, without the profiler, of a call whose compiled graph is replaced by
 its first outputs (the ``constant`` backend below): what is left is Dynamo's own work a call (the
 guards, the bytecode around the graph, the outputs' rebuilding). ``--profile`` adds the profiler's
 ``TorchDynamo Cache Lookup`` events, as the step profiles show them; the profiler slows the lookup
 (on this CPU 1.48 ms against 0.67 without it, 16 layers).
+
+Calls back to back understate the check in a training loop (bench/NOTES.md, 2026-12-04): what runs
+between two steps evicts the guard tree from the CPU's caches, and the check becomes bound by memory
+latency. ``--between`` reproduces that: ``nothing`` (back to back), ``sweep`` (an in-place add over a
+256 MiB tensor, which touches no Python object the guards read) or ``step`` (an eager forward,
+backward and AdamW step of the same model, as a training loop runs between compiled calls).
 
 Bench only (not a test): dropping guards is unsafe in general; this says where the time goes.
 """
@@ -52,6 +59,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also the profiler's cache-lookup events (a second compile)")
     ap.add_argument("--calls", type=int, default=10, help="profiled calls after 3 warm-up calls")
     ap.add_argument("--timed-calls", type=int, default=200, help="calls timed without the profiler (median)")
+    ap.add_argument("--between", default="nothing", choices=("nothing", "sweep", "step"),
+                    help="what runs, untimed, between two timed calls (default nothing: back to back)")
     args = ap.parse_args()
     if args.dict_tags != "default":
         torch._dynamo.config.use_recursive_dict_tags_for_guards = args.dict_tags == "on"
@@ -76,9 +85,11 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (1, 16), device=args.device)
     label = "unsafe nn-module filter" if args.unsafe else (f"dropping {sorted(drop)}" if drop else "every guard")
     kind = "4-bit linears with LoRA" if args.qlora else "LoRA"
-    ms, n_entries = constant_call_ms(model, ids, guard_filter, args.timed_calls)
-    print(f"{args.layers} layers, {kind} on {len(LINEARS)} linears, {args.device}, {label}: {ms:.3f} ms a call of the constant "
-          f"graph, no profiler (median of {args.timed_calls}; {n_entries} cache entries); torch {torch.__version__}, "
+    between = between_calls(args.between, model, ids)
+    ms, n_entries = constant_call_ms(model, ids, guard_filter, args.timed_calls, between)
+    print(f"{args.layers} layers, {kind} on {len(LINEARS)} linears, {args.device}, {label}, {args.between} between calls: "
+          f"{ms:.3f} ms a call of the constant graph, no profiler (median of {args.timed_calls}; {n_entries} cache entries); "
+          f"torch {torch.__version__}, "
           f"recursive dict tags {torch._dynamo.config.use_recursive_dict_tags_for_guards}")
     if counts:
         print(f"{sum(counts.values())} guards (over every cache entry):", ", ".join(f"{t} {n}" for t, n in counts.most_common()))
@@ -108,14 +119,39 @@ def constant(gm, example_inputs):
     return run
 
 
-def constant_call_ms(model, ids, guard_filter, calls: int) -> tuple[float, int]:
+def between_calls(kind: str, model, ids):
+    """What runs, untimed, between two timed calls: None for nothing, else a function of no arguments."""
+    if kind == "nothing":
+        return None
+    if kind == "sweep":  # evicts the CPU's caches without touching a Python object the guards read
+        big = torch.zeros(64 << 20, device=ids.device)  # 256 MiB of fp32
+
+        def sweep():
+            big.add_(1)
+
+        return sweep
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def step():  # an eager training step of the same model (outside the compiled frame)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def constant_call_ms(model, ids, guard_filter, calls: int, between=None) -> tuple[float, int]:
     """Median wall time (ms) of a compiled call whose graph returns its first outputs (Dynamo's own
-    cost), and the number of cache entries of the model's forward (more than one: a recompile)."""
+    cost), and the number of cache entries of the model's forward (more than one: a recompile).
+    ``between``, if given, runs untimed before each timed call."""
     compiled = torch.compile(model, backend=constant, options={"guard_filter_fn": guard_filter})
     for _ in range(3):
         compiled(input_ids=ids)
     times = []
     for _ in range(calls):
+        if between is not None:
+            between()
         t0 = time.perf_counter()
         compiled(input_ids=ids)
         times.append(time.perf_counter() - t0)
