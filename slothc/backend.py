@@ -36,6 +36,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
     from slothc import passes
 
     passes.run(gm, opts, report, graph_index=report.graphs)
+    patches = {}
+    if "add_rms_norm" in opts.enabled and "rms_norm" in opts.enabled:
+        from slothc.passes.add_rms_norm import post_grad_patches
+
+        patches = post_grad_patches(gm, report, report.graphs, opts)
     report.graphs += 1
     report.compiles.append(_compile_id())
     if _inside_ddp():
@@ -46,12 +51,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
     if opts.mode != "default":
         import torch._inductor
 
-        patches = torch._inductor.list_mode_options(opts.mode)
-        note = f"mode {opts.mode}: Inductor options {patches}"
-        if patches.get("triton.cudagraphs"):
+        mode_patches = torch._inductor.list_mode_options(opts.mode)
+        note = f"mode {opts.mode}: Inductor options {mode_patches}"
+        if mode_patches.get("triton.cudagraphs"):
             note += " (CUDA graphs: Inductor skips them for a graph that cannot be recorded and says why in the perf_hints log)"
         if note not in report.notes:
             report.notes.append(note)
+        patches = {**mode_patches, **patches}
+    if patches:
         return _inner(opts.inner)(gm, example_inputs, config_patches=patches)
     return _inner(opts.inner)(gm, example_inputs)
 

@@ -8,7 +8,9 @@ Keys
 ----
 ``<fusion name>`` (bool)
     Enable or disable one fusion (``rms_norm``, ``layer_norm``, ...). Every fusion this version
-    implements is on by default.
+    implements is on by default. ``add_rms_norm`` (the residual add before a fused RMSNorm, and the
+    gradient sum after its backward, in one kernel each) works on Inductor's graphs after
+    AOTAutograd, so only with ``inner="inductor"``, and needs ``rms_norm``.
 ``inner`` (str)
     The compiler that runs after the fusion passes: ``"inductor"`` (default), ``"aot_eager"`` or
     ``"eager"`` (the last two are for debugging).
@@ -58,9 +60,11 @@ import dataclasses
 from typing import Any, Mapping
 
 # One name per fusion: option key, report key and op name ``slothc::<name>``.
-FUSIONS = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy", "causal_mask")
+FUSIONS = ("rms_norm", "add_rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy",
+           "causal_mask")
 # The fusions this version ships; the others are reserved names.
-IMPLEMENTED = ("rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy", "causal_mask")
+IMPLEMENTED = ("rms_norm", "add_rms_norm", "layer_norm", "rope", "lora_linear", "qlora_linear", "mlp", "linear_cross_entropy",
+               "causal_mask")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 LOGITS_MODES = ("keep", "drop")
 PADDING_MODES = ("unknown", "none")

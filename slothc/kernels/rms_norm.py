@@ -93,10 +93,13 @@ def rms_norm_backward_reference(
     offset: float,
     cast_before_weight: bool,
     compute_dw: bool,
+    grad_x: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain-torch VJP of ``rms_norm_reference``: ``(dx, dw)``, ``dw`` None unless ``compute_dw``.
 
     ``g = dy * (offset + w)``; ``dx = r * (g - n * mean(g * n))``; ``dw = sum_rows dy * n``.
+    ``grad_x``: the gradient of x's other uses, added to dx (rounded to x's dtype first, as
+    autograd sums them).
     """
     cdt = _compute_dtype(x.dtype)
     xf = x.to(cdt)
@@ -115,7 +118,19 @@ def rms_norm_backward_reference(
         if compute_dw:
             dw = (dy * n).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True))
-    return dx.to(x.dtype), dw
+    dx = dx.to(x.dtype)
+    if grad_x is not None:  # autograd's sum of x's gradients, in x's dtype
+        dx = dx + grad_x
+    return dx, dw
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+    cast_before_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, rms_norm_reference(s))`` with ``s = x + residual``: a residual add and the norm after it."""
+    s = x + residual
+    return s, rms_norm_reference(s, weight, eps, offset, cast_before_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,16 +144,23 @@ def _rms_norm_fwd_kernel(
     stride_y_row,  # elements between rows of y
     x_ptr,  # input [n_rows, n_cols], unit column stride
     stride_x_row,  # elements between rows of x
+    r_ptr,  # with HAS_RESIDUAL: the residual [n_rows, n_cols] added to x, unit column stride
+    stride_r_row,  # elements between rows of r
+    s_ptr,  # with HAS_RESIDUAL: out, s = x + r [n_rows, n_cols] (the norm's input); else x itself
+    stride_s_row,  # elements between rows of s
     w_ptr,  # weight [n_cols], contiguous (unused without HAS_WEIGHT)
     n_cols,  # row length, <= BLOCK_SIZE_N
     eps,  # added to the mean square
     offset,  # added to the weight: 0 (Llama), 1 (Gemma)
+    HAS_RESIDUAL: tl.constexpr,  # True: normalise s = x + r (rounded to s's dtype) and store s
     HAS_WEIGHT: tl.constexpr,  # False: y = n.to(x.dtype)
     CAST_BEFORE_WEIGHT: tl.constexpr,  # True: Llama spelling; False: Gemma spelling
     BLOCK_SIZE_N: tl.constexpr,  # next power of two >= n_cols
 ):
     """One program per row: ``y = (offset + w) * round_x(n)`` or ``round_x(n * (offset + w))``,
-    ``n = x / sqrt(mean(x^2) + eps)`` in fp32."""
+    ``n = x / sqrt(mean(x^2) + eps)`` in fp32. With ``HAS_RESIDUAL`` the normalised row is
+    ``s = round_s(x + r)`` (eager's add: an fp32 sum rounded once), written out as well, and
+    ``round_x`` rounds to s's dtype."""
     row = tl.program_id(0).to(tl.int64)
     # Scalars arrive as fp32 from eager Triton but as fp64 when the launch comes from Inductor
     # code: pin them so the result does not depend on the caller. (tl.cast rather than eps.to:
@@ -149,15 +171,20 @@ def _rms_norm_fwd_kernel(
     mask = cols < n_cols
 
     x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s_row + cols, s, mask=mask)
+        x = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     n = x * rstd
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if CAST_BEFORE_WEIGHT:
-            # Eager: (offset + w) in w's dtype times n rounded to x's dtype; the product's single
-            # rounding to y's dtype happens at the store.
+            # Eager: (offset + w) in w's dtype times n rounded to the input's dtype (s's: x's
+            # without a residual); the product's single rounding to y's dtype happens at the store.
             w = (offset + w).to(w_ptr.dtype.element_ty).to(tl.float32)
-            y = w * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = w * n.to(s_ptr.dtype.element_ty).to(tl.float32)
         else:
             y = n * (offset + w)
     else:
@@ -175,6 +202,8 @@ def _rms_norm_bwd_kernel(
     stride_x_row,  # elements between rows of x
     w_ptr,  # weight [n_cols], contiguous (unused without HAS_WEIGHT)
     dw_partial_ptr,  # fp32 [n_programs, n_cols]: program p's sum of dy * n (only with COMPUTE_DW)
+    gx_ptr,  # with HAS_GRAD_X: the gradient that reaches x by its other uses, [n_rows, n_cols], x's dtype
+    stride_gx_row,  # elements between rows of gx
     n_rows,  # rows of x
     n_cols,  # row length, <= BLOCK_SIZE_N
     rows_per_program,  # program p handles rows [p * rows_per_program, (p + 1) * rows_per_program)
@@ -183,11 +212,14 @@ def _rms_norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,  # accumulate dw partials (the weight requires grad)
+    HAS_GRAD_X: tl.constexpr,  # True: dx = round_x(round_x(dx) + gx), eager's sum of x's two gradients
     BLOCK_SIZE_N: tl.constexpr,
 ):
     """For each row: ``g = dy * (offset + w)``, ``dx = r * (g - n * mean(g * n))``; and
     ``dw_partial[p] = sum over the program's rows of dy * n`` (``n`` rounded to x's dtype in the
-    Llama spelling), with ``r = 1 / sqrt(mean(x^2) + eps)`` recomputed from ``x``."""
+    Llama spelling), with ``r = 1 / sqrt(mean(x^2) + eps)`` recomputed from ``x``. With
+    ``HAS_GRAD_X`` the stored dx is the norm's dx, rounded to x's dtype, plus ``gx`` (autograd's
+    sum of the gradients of x's uses, in x's dtype: the same two roundings as eager)."""
     pid = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)
     offset = tl.cast(offset, tl.float32)
@@ -229,6 +261,9 @@ def _rms_norm_bwd_kernel(
             g = dy
         c = tl.sum(g * n, axis=0) / n_cols
         dx = (g - n * c) * rstd
+        if HAS_GRAD_X:
+            gx = tl.load(gx_ptr + row * stride_gx_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dx = dx.to(x_ptr.dtype.element_ty).to(tl.float32) + gx
         tl.store(dx_ptr + row * stride_dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
@@ -247,14 +282,23 @@ def _check_weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> None:
 
 
 def rms_norm_fwd(
-    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
-) -> torch.Tensor:
-    """Launch ``_rms_norm_fwd_kernel`` (one program per row); returns a contiguous ``y`` shaped like ``x``."""
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool,
+    residual: Optional[torch.Tensor] = None,
+):
+    """Launch ``_rms_norm_fwd_kernel`` (one program per row); returns a contiguous ``y`` shaped like ``x``.
+    With ``residual`` (x's shape): the norm of ``s = x + residual`` (dtype ``promote(x, residual)``),
+    and returns ``(s, y)``, both contiguous."""
     _check_weight(weight, x)
     x2 = as_rows(x)  # [n_rows, n_cols]
     n_rows, n_cols = x2.shape
     assert rows_fit(n_cols), f"rows of {n_cols} elements take the reference"
-    y = torch.empty((n_rows, n_cols), dtype=rms_norm_out_dtype(x.dtype, weight.dtype if weight is not None else None,
+    if residual is not None:
+        assert residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+        r2 = as_rows(residual)
+        s2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    else:
+        r2 = s2 = x2  # neither read nor written; s_ptr's dtype is the input's
+    y = torch.empty((n_rows, n_cols), dtype=rms_norm_out_dtype(s2.dtype, weight.dtype if weight is not None else None,
                                                                cast_before_weight), device=x.device)
     if n_rows > 0:
         w = weight.contiguous() if weight is not None else x2
@@ -263,13 +307,18 @@ def rms_norm_fwd(
             _rms_norm_fwd_kernel[(n_rows,)](
                 y, y.stride(0),
                 x2, x2.stride(0),
+                r2, r2.stride(0),
+                s2, s2.stride(0),
                 w,
                 n_cols, float(eps), float(offset),
+                HAS_RESIDUAL=residual is not None,
                 HAS_WEIGHT=weight is not None,
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight),
                 BLOCK_SIZE_N=block_size_n,
                 num_warps=num_warps_for(block_size_n),
             )
+    if residual is not None:
+        return s2.view(x.shape), y.view(x.shape)
     return y.view(x.shape)
 
 
@@ -281,17 +330,25 @@ def rms_norm_bwd(
     offset: float,
     cast_before_weight: bool,
     compute_dw: bool,
+    grad_x: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch ``_rms_norm_bwd_kernel``; returns ``(dx, dw)``, ``dw`` None unless ``compute_dw``.
 
     Without ``compute_dw`` every program takes one row (the most parallelism); with it the grid is
     ``reduction_grid``'s and the fp32 partials are summed here and cast to the weight's dtype.
+    ``grad_x`` (x's shape and dtype): the gradient of x's other uses, added to dx in the kernel.
     """
     _check_weight(weight, x)
     assert grad_out.shape == x.shape, f"grad_out shape {tuple(grad_out.shape)} != x shape {tuple(x.shape)}"
     assert not compute_dw or weight is not None, "compute_dw needs a weight"
     x2 = as_rows(x)  # [n_rows, n_cols]
     dy2 = as_rows(grad_out)  # [n_rows, n_cols]
+    if grad_x is not None:
+        assert grad_x.shape == x.shape and grad_x.dtype == x.dtype, (
+            f"grad_x {tuple(grad_x.shape)} {grad_x.dtype} != x {tuple(x.shape)} {x.dtype}")
+        gx2 = as_rows(grad_x)
+    else:
+        gx2 = x2  # never read
     n_rows, n_cols = x2.shape
     assert rows_fit(n_cols), f"rows of {n_cols} elements take the reference"
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
@@ -311,11 +368,13 @@ def rms_norm_bwd(
                 x2, x2.stride(0),
                 w,
                 dw_partial,
+                gx2, gx2.stride(0),
                 n_rows, n_cols, rows_per_program,
                 float(eps), float(offset),
                 HAS_WEIGHT=weight is not None,
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight),
                 COMPUTE_DW=bool(compute_dw),
+                HAS_GRAD_X=grad_x is not None,
                 BLOCK_SIZE_N=block_size_n,
                 num_warps=num_warps_for(block_size_n),
             )
@@ -402,4 +461,113 @@ def _rms_norm_autograd_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "slothc::rms_norm", _rms_norm_autograd_backward, setup_context=_rms_norm_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The residual add before the norm: slothc::add_rms_norm
+# --------------------------------------------------------------------------------------------
+#
+# A decoder layer adds each block's output to the residual stream and normalises the sum:
+# ``s = x + residual; y = norm(s)``, with ``s`` used again by the next residual add. One kernel
+# reads x and residual and writes s and y (the separate add wrote s and the norm read it back).
+# In the backward, autograd sums the gradient of s's other uses with the norm's dx; the backward
+# kernel adds it before its store (the separate add read dx back and wrote the sum). Both ops are
+# put in by ``slothc.passes.add_rms_norm`` on AOTAutograd's forward and backward graphs.
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    if residual.shape != x.shape:
+        raise ValueError(f"slothc::add_rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} must have one shape")
+    if residual.device != x.device:
+        raise ValueError(f"slothc::add_rms_norm: residual on {residual.device}, x on {x.device}")
+
+
+def _sum_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+@torch.library.custom_op("slothc::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+    cast_before_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, y)``: ``s = x + residual`` (torch's promotion) and ``y = rms_norm(s)``; both contiguous."""
+    _check_residual(x, residual)
+    s_dtype = _sum_dtype(x, residual)
+    if _use_kernel(x, weight) and residual.dtype in KERNEL_DTYPES:
+        return rms_norm_fwd(x, weight, eps, offset, cast_before_weight, residual=residual)
+    s, y = add_rms_norm_reference(x, residual, weight, eps, offset, cast_before_weight)
+    return s.to(s_dtype).contiguous(), y.contiguous()
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps, offset, cast_before_weight):
+    _check_residual(x, residual)
+    _check_weight(weight, x)
+    s_dtype = _sum_dtype(x, residual)
+    y_dtype = rms_norm_out_dtype(s_dtype, weight.dtype if weight is not None else None, cast_before_weight)
+    return x.new_empty(x.shape, dtype=s_dtype), x.new_empty(x.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("slothc::add_rms_norm_backward", mutates_args=())
+def add_rms_norm_backward(
+    grad_out: torch.Tensor,
+    grad_s: Optional[torch.Tensor],
+    s: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ds, dw)``: the norm's ``ds`` plus ``grad_s``, the gradient of s's other uses (None: none),
+    in s's dtype; ``dw`` is an empty tensor unless ``compute_dw``. The backward of ``add_rms_norm``
+    (its x and residual both get ``ds``), and of a norm whose input has other uses."""
+    if compute_dw and weight is None:
+        raise ValueError("slothc::add_rms_norm_backward: compute_dw=True needs a weight")
+    if grad_s is not None and (grad_s.shape != s.shape or grad_s.dtype != s.dtype):
+        raise ValueError(f"slothc::add_rms_norm_backward: grad_s {tuple(grad_s.shape)} {grad_s.dtype} must have s's "
+                         f"shape and dtype {tuple(s.shape)} {s.dtype}")
+    if _use_kernel(s, weight):
+        ds, dw = rms_norm_bwd(grad_out, s, weight, eps, offset, cast_before_weight, compute_dw, grad_x=grad_s)
+    else:
+        ds, dw = rms_norm_backward_reference(grad_out, s, weight, eps, offset, cast_before_weight, compute_dw,
+                                             grad_x=grad_s)
+        ds = ds.contiguous()
+    return ds, dw if dw is not None else s.new_empty(0)
+
+
+@add_rms_norm_backward.register_fake
+def _add_rms_norm_backward_fake(grad_out, grad_s, s, weight, eps, offset, cast_before_weight, compute_dw):
+    if compute_dw and weight is None:
+        raise ValueError("slothc::add_rms_norm_backward: compute_dw=True needs a weight")
+    dw = weight.new_empty(weight.shape) if compute_dw else s.new_empty(0)
+    return s.new_empty(s.shape), dw
+
+
+def _add_rms_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, eps, offset, cast_before_weight = inputs
+    s, _ = output
+    ctx.save_for_backward(s, weight)
+    ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _add_rms_norm_autograd_backward(ctx, grad_s, grad_y):
+    s, weight = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[2]
+    if grad_y is None:
+        out_dtype = rms_norm_out_dtype(s.dtype, weight.dtype if weight is not None else None, ctx.cast_before_weight)
+        grad_y = s.new_zeros(s.shape, dtype=out_dtype)
+    ds, dw = torch.ops.slothc.add_rms_norm_backward(
+        grad_y, grad_s, s, weight, ctx.eps, ctx.offset, ctx.cast_before_weight, compute_dw
+    )
+    dx = ds.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    dr = ds.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return dx, dr, (dw if compute_dw else None), None, None, None
+
+
+torch.library.register_autograd(
+    "slothc::add_rms_norm", _add_rms_norm_autograd_backward, setup_context=_add_rms_norm_setup_context
 )

@@ -297,6 +297,144 @@ def test_opcheck(layout, mode):
 
 
 # --------------------------------------------------------------------------------------------
+# The residual add before the norm: slothc::add_rms_norm and its backward
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def add_rms_norm_cases(draw):
+    case = draw(rms_norm_cases())
+    # The residual stream in x's dtype, or in fp32 (an fp32 model under autocast: the block's bf16
+    # output added to the fp32 stream)
+    case["r_dtype"] = draw(st.sampled_from([case["dtype"], torch.float32]))
+    case["r_layout"] = draw(testing.layouts())
+    return case
+
+
+def _add_inputs(case):
+    x, w = _inputs(case)
+    r = testing.make_tensor(
+        case["shape"], case["r_dtype"], case["seed"] + 3, layout=case["r_layout"], device=DEVICE,
+        requires_grad=case["x_grad"],
+    )
+    return x, r, w
+
+
+@given(add_rms_norm_cases())
+def test_add_rms_norm_matches_eager(case):
+    """``s = x + r`` and the norm of s, forward and every gradient (of x, r and w, with cotangents
+    for both s and y) within the ratio criterion of eager's add followed by its norm."""
+    eager, _, offset, cast = MODES[case["mode"]]
+    eps = case["eps"]
+    x, r, w = _add_inputs(case)
+
+    def eager_fn(x, r, w):
+        s = x + r
+        return s, eager(s, w, eps)
+
+    testing.check_against_eager(lambda x, r, w: torch.ops.slothc.add_rms_norm(x, r, w, eps, offset, cast), eager_fn, x, r, w)
+
+
+@given(add_rms_norm_cases())
+def test_add_rms_norm_is_the_add_then_the_norm(case):
+    """Bit for bit the unfused ops: ``s`` is torch's ``x + r`` and ``y`` is ``slothc::rms_norm(s)``;
+    the backward's ``ds`` is ``slothc::rms_norm_backward``'s dx plus ``grad_s`` as autograd sums
+    them (in s's dtype), and ``dw`` is the norm's. So the fusion changes no value of a training step."""
+    _, _, offset, cast = MODES[case["mode"]]
+    eps = case["eps"]
+    x, r, w = (t.detach() if t is not None else None for t in _add_inputs(case))
+    s, y = torch.ops.slothc.add_rms_norm(x, r, w, eps, offset, cast)
+    assert s.is_contiguous() and y.is_contiguous()
+    assert torch.equal(s, x + r)
+    assert torch.equal(y, torch.ops.slothc.rms_norm(x + r, w, eps, offset, cast))
+
+    compute_dw = w is not None and case["w_grad"]
+    dy = testing.make_tensor(s.shape, y.dtype, case["seed"] + 4, device=DEVICE)
+    grad_s = testing.make_tensor(s.shape, s.dtype, case["seed"] + 5, device=DEVICE)
+    for g in (grad_s, None):
+        ds, dw = torch.ops.slothc.add_rms_norm_backward(dy, g, s, w, eps, offset, cast, compute_dw)
+        dx, dw_norm = torch.ops.slothc.rms_norm_backward(dy, s, w, eps, offset, cast, compute_dw)
+        assert ds.dtype == s.dtype and ds.is_contiguous()
+        assert torch.equal(ds, dx + g if g is not None else dx)
+        assert torch.equal(dw, dw_norm)
+
+
+@given(add_rms_norm_cases())
+def test_add_rms_norm_backward_matches_reference(case):
+    """The backward op against the float64 reference: ``ds = dx + grad_s`` and ``dw``."""
+    _, _, offset, cast = MODES[case["mode"]]
+    x, r, w = (t.detach() if t is not None else None for t in _add_inputs(case))
+    s = x + r
+    out_dtype = rms_norm_module.rms_norm_out_dtype(s.dtype, w.dtype if w is not None else None, cast)
+    dy = testing.make_tensor(s.shape, out_dtype, case["seed"] + 2, device=DEVICE)
+    grad_s = testing.make_tensor(s.shape, s.dtype, case["seed"] + 6, device=DEVICE)
+    compute_dw = w is not None and case["w_grad"]
+    ds, dw = torch.ops.slothc.add_rms_norm_backward(dy, grad_s, s, w, case["eps"], offset, cast, compute_dw)
+
+    def reference(dy, s, w, g):
+        return rms_norm_module.rms_norm_backward_reference(dy, s, w, case["eps"], offset, cast, compute_dw, grad_x=g)
+
+    expected = reference(dy, s, w, grad_s)
+    expected64 = reference(dy.double(), s.double(), w.double() if w is not None else None, grad_s.double())
+    low = torch.bfloat16 if torch.bfloat16 in (s.dtype, out_dtype, case["w_dtype"]) else None
+    testing.assert_matches_reference(ds, expected[0], expected64[0], k=3.0, name="ds", low_dtype=low, fp32_close=False)
+    if compute_dw:
+        testing.assert_matches_reference(dw, expected[1], expected64[1], k=3.0, name="dw", low_dtype=low, fp32_close=False)
+
+
+def test_add_rms_norm_bad_input_names_the_fix():
+    x = testing.make_tensor((2, 8), torch.float32, 19, device=DEVICE)
+    with pytest.raises(ValueError, match="residual .* must have one shape"):
+        torch.ops.slothc.add_rms_norm(x, x[:1], None, 1e-6, 0.0, True)
+    with pytest.raises(ValueError, match="grad_s .* must have s's shape and dtype"):
+        torch.ops.slothc.add_rms_norm_backward(x, x.bfloat16(), x, None, 1e-6, 0.0, True, False)
+    with pytest.raises(ValueError, match="compute_dw"):
+        torch.ops.slothc.add_rms_norm_backward(x, None, x, None, 1e-6, 0.0, True, True)
+
+
+def test_add_rms_norm_triton_path_runs(monkeypatch):
+    """Where Triton is used the fused op and its backward launch the kernels with the residual."""
+    if not _launch.use_triton(torch.empty(0, device=DEVICE)):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the reference path is the one under test")
+    seen = []
+    for name in ("rms_norm_fwd", "rms_norm_bwd"):
+        original = getattr(rms_norm_module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, sorted(k for k, v in kwargs.items() if v is not None)))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(rms_norm_module, name, spy)
+    x = testing.make_tensor((4, 48), torch.bfloat16, 20, device=DEVICE, requires_grad=True)
+    r = testing.make_tensor((4, 48), torch.bfloat16, 21, device=DEVICE, requires_grad=True)
+    w = testing.make_tensor((48,), torch.bfloat16, 22, device=DEVICE)
+    s, y = torch.ops.slothc.add_rms_norm(x, r, w, 1e-6, 0.0, True)
+    (s.float().sum() + y.float().pow(2).sum()).backward()
+    assert seen == [("rms_norm_fwd", ["residual"]), ("rms_norm_bwd", ["grad_x"])]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "padded"])
+@pytest.mark.parametrize("mode", ["llama", "gemma", "no_weight"])
+def test_add_rms_norm_opcheck(layout, mode):
+    _, has_weight, offset, cast = MODES[mode]
+    x = testing.make_tensor((2, 3, 40), torch.bfloat16, 23, layout=layout, device=DEVICE, requires_grad=True)
+    r = testing.make_tensor((2, 3, 40), torch.float32, 24, device=DEVICE, requires_grad=True)
+    w = testing.make_tensor((40,), torch.float32, 25, device=DEVICE, requires_grad=True) if has_weight else None
+    torch.library.opcheck(torch.ops.slothc.add_rms_norm.default, (x, r, w, 1e-6, offset, cast))
+
+    s = (x + r).detach()
+    out_dtype = rms_norm_module.rms_norm_out_dtype(s.dtype, w.dtype if has_weight else None, cast)
+    dy = testing.make_tensor((2, 3, 40), out_dtype, 26, layout=layout, device=DEVICE)
+    grad_s = testing.make_tensor((2, 3, 40), s.dtype, 27, device=DEVICE)
+    w_bwd = w.detach() if has_weight else None
+    for compute_dw in ([True, False] if has_weight else [False]):
+        for g in (grad_s, None):
+            torch.library.opcheck(
+                torch.ops.slothc.add_rms_norm_backward.default, (dy, g, s, w_bwd, 1e-6, offset, cast, compute_dw)
+            )
+
+
+# --------------------------------------------------------------------------------------------
 # Real sizes (GPU only)
 # --------------------------------------------------------------------------------------------
 
