@@ -232,7 +232,10 @@ def compile_alone_differs(model, batch, loss, grads, ran, bounds) -> str | None:
     diff = {n: (alone[n].double() - eager[n].double()).abs().max().item() for n in bounds}
     if not any(diff[n] > bounds[n] for n in bounds):
         return None  # Dynamo alone is eager's: the difference is slothc's
-    if any((ours[n].double() - alone[n].double()).abs().max().item() > bounds[n] for n in bounds):
+    # slothc equals Dynamo's trace: within eager's bound, or (where the trace is far from eager) within
+    # 1% of that distance: the trace's own rounding differs from eager's as well (measured: 1-2x the
+    # bound of a 1e-8 gradient next to a 5e-3 difference of the trace)
+    if any((ours[n].double() - alone[n].double()).abs().max().item() > max(bounds[n], 0.01 * diff[n]) for n in bounds):
         return None
     return (f"torch.compile without slothc (backend='eager') differs from eager as much (loss {float(c_loss):.6g} "
             f"against eager's {float(ran['loss']):.6g}) and slothc equals it: the difference is in Dynamo's trace "

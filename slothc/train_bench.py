@@ -218,8 +218,10 @@ def _child(workload, variant, folder, args) -> dict:
             cmd += ["--profile"]
         try:
             proc = subprocess.run(cmd, timeout=args.variant_timeout_s, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            return {"status": "error", "reason": f"timed out after {args.variant_timeout_s} s"}
+        except subprocess.TimeoutExpired as e:
+            tail = e.stderr or e.stdout or ""
+            tail = (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)[-1500:]
+            return {"status": "error", "reason": f"timed out after {args.variant_timeout_s} s" + (f": {tail}" if tail else "")}
         text = open(out.name).read()
         if text.strip():
             return json.loads(text)

@@ -44,6 +44,7 @@ from slothc.kernels._launch import (
     KERNEL_DTYPES,
     as_rows,
     device_guard,
+    interpreting,
     next_power_of_2,
     num_warps_for,
     reduction_grid,
@@ -213,6 +214,7 @@ def _rms_norm_bwd_kernel(
     CAST_BEFORE_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,  # accumulate dw partials (the weight requires grad)
     HAS_GRAD_X: tl.constexpr,  # True: dx = round_x(round_x(dx) + gx), eager's sum of x's two gradients
+    ADD_RN: tl.constexpr,  # that add by PTX add.rn.f32 (CUDA; the interpreter and ROCm: a plain add)
     BLOCK_SIZE_N: tl.constexpr,
 ):
     """For each row: ``g = dy * (offset + w)``, ``dx = r * (g - n * mean(g * n))``; and
@@ -263,7 +265,15 @@ def _rms_norm_bwd_kernel(
         dx = (g - n * c) * rstd
         if HAS_GRAD_X:
             gx = tl.load(gx_ptr + row * stride_gx_row + cols, mask=mask, other=0.0).to(tl.float32)
-            dx = dx.to(x_ptr.dtype.element_ty).to(tl.float32) + gx
+            dx = dx.to(x_ptr.dtype.element_ty).to(tl.float32)
+            if ADD_RN:
+                # An add that is never contracted with the product before it into an FMA (which
+                # skips the product's rounding: an fp32 dx would then differ from eager's in the
+                # last bit; with a 16-bit x the cast above already separates them)
+                dx = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [dx, gx], dtype=tl.float32,
+                                               is_pure=True, pack=1)
+            else:
+                dx = dx + gx
         tl.store(dx_ptr + row * stride_dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
@@ -375,6 +385,7 @@ def rms_norm_bwd(
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight),
                 COMPUTE_DW=bool(compute_dw),
                 HAS_GRAD_X=grad_x is not None,
+                ADD_RN=grad_x is not None and x.device.type == "cuda" and torch.version.hip is None and not interpreting(),
                 BLOCK_SIZE_N=block_size_n,
                 num_warps=num_warps_for(block_size_n),
             )
