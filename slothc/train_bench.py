@@ -220,7 +220,7 @@ def _child(workload, variant, folder, args) -> dict:
             proc = subprocess.run(cmd, timeout=args.variant_timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired as e:
             tail = e.stderr or e.stdout or ""
-            tail = (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)[-1500:]
+            tail = (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)[-8000:]
             return {"status": "error", "reason": f"timed out after {args.variant_timeout_s} s" + (f": {tail}" if tail else "")}
         text = open(out.name).read()
         if text.strip():
@@ -309,6 +309,8 @@ def _compile(model, variant: str, guard_filter: str = "none"):
         options = {"logits": "drop", "report": report}
         if variant == "slothc_cudagraphs":
             options["mode"] = "reduce-overhead"
+        # A/B trials of one fusion or option, e.g. SLOTHC_BENCH_OPTIONS='{"add_rms_norm": false}'
+        options.update(json.loads(os.environ.get("SLOTHC_BENCH_OPTIONS") or "{}"))
         from slothc.backend import slothc as backend  # the function: no installed entry point needed (a bare checkout)
 
         return torch.compile(model, backend=backend, options={**options, **extra}), report
@@ -345,6 +347,11 @@ def _stepper(run, model, device, cudagraphs: bool, optimizer: str = "fused"):
 
 def child_main(args) -> dict:
     import torch
+
+    if os.environ.get("SLOTHC_BENCH_STACKS_AFTER_S"):  # a stuck variant: its Python stacks on stderr
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["SLOTHC_BENCH_STACKS_AFTER_S"]), repeat=True)
 
     workload = WORKLOADS[args.workload]
     variant = args.child
