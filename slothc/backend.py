@@ -58,9 +58,38 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Options,
         if note not in report.notes:
             report.notes.append(note)
         patches = {**mode_patches, **patches}
+    if opts.inner == "inductor":
+        register_inductor_fallbacks()
     if patches:
         return _inner(opts.inner)(gm, example_inputs, config_patches=patches)
     return _inner(opts.inner)(gm, example_inputs)
+
+
+def register_inductor_fallbacks() -> int:
+    """Register every ``slothc::`` op with Inductor as a fallback kernel (a call of the op), as
+    Inductor does on first meeting an op it has no lowering for, with the same layout constraint;
+    returns how many were new. Done ahead because torch 2.11's implicit fallback formats its info
+    log eagerly: it prints the IR of the op's arguments, and for an op first met deep in a graph
+    (``slothc::add_rms_norm`` after layer 0's attention) that string took minutes on the H200
+    (torch 2.13 formats it lazily)."""
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:  # another torch: Inductor's own implicit fallback
+        return 0
+    new = 0
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("slothc::"):
+            continue
+        packet = getattr(torch.ops.slothc, name.split("::", 1)[1].split(".", 1)[0])
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if op in lowering.lowerings:
+                continue
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+            new += 1
+    return new
 
 
 DDP_PIECES = (

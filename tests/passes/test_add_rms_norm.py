@@ -132,3 +132,16 @@ def test_broadcasting_add_is_skipped(rewrites):
     assert [s.reason for s in report.skipped if s.fusion == "add_rms_norm"] == [fusion.BROADCAST]
     # x + r's sum has no other use (forward only); the broadcast add is left to Inductor
     assert rewrites == [(1, 0), (0, 0)]
+
+
+def test_slothc_ops_are_inductor_fallbacks_before_inductor_meets_them(rewrites):
+    """Every slothc op has its fallback lowering once a graph is compiled with Inductor (torch 2.11's
+    implicit fallback would print the IR of an op's arguments first: minutes for add_rms_norm)."""
+    from torch._inductor import lowering
+
+    _step({})
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("slothc::")]
+    assert "slothc::add_rms_norm" in ops and "slothc::add_rms_norm_backward" in ops
+    for name in ops:
+        packet = getattr(torch.ops.slothc, name.split("::", 1)[1])
+        assert all(getattr(packet, o) in lowering.lowerings for o in packet.overloads()), name
