@@ -368,7 +368,9 @@ def bench_step(rec, device, quick, checkpointing, steps, warmup, budget_s, provi
         model = quantized_model(config, device)
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0))
         if ckpt:
-            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from slothc import tiny
+
+            tiny.enable_checkpointing(model.base_model.model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)

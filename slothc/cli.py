@@ -102,7 +102,7 @@ def _explain(args, parser) -> int:
             raise _Usage("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
         model = tiny.load_in_4bit(model, getattr(torch, DTYPES[args.dtype]), device=device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny.enable_checkpointing(model)
     if not args.no_lora:
         model = tiny.add_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     model.to(device).train()

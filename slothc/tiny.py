@@ -218,6 +218,16 @@ def _config_for(model_cls, config):
     return config
 
 
+def enable_checkpointing(model):
+    """Activation checkpointing of each decoder layer (non-reentrant, as the Trainer's default), and no
+    KV cache (``config.use_cache = False``, what a training step wants anyway): with the cache on,
+    transformers 5.25's checkpointed layer calls ``logger.warning_once`` inside the forward, which
+    Dynamo cannot trace, so every layer would be a graph break. Returns the model."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
 def add_lora(model, r: int = 8, alpha: int = 16, target_modules="all-linear", dropout: float = 0.0, **lora_kwargs):
     """Wrap ``model`` with PEFT LoRA adapters (``task_type="CAUSAL_LM"``); ``lora_kwargs`` go to
     ``LoraConfig`` (``init_lora_weights=False`` makes B non-zero, so the adapters are not a no-op)."""

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GPTNeoXConfig, Llama
 
 import slothc
 import slothc.ops  # noqa: F401  (kernels are defined now, while TRITON_INTERPRET is as conftest set it)
+from slothc import tiny
 from slothc.kernels import _launch
 from slothc.testing import float64_mode
 from tests.helpers import count_calls
@@ -142,7 +143,7 @@ def _check_training_step(config, autocast, options, gradient_checkpointing=False
     base = _lora_model(config)
     ref_model = copy.deepcopy(base).double()  # float64_mode does not reach checkpoint recomputation
     if gradient_checkpointing:
-        base.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny.enable_checkpointing(base.base_model.model)
         base.base_model.model.train()
     batch = _batch(config)
     eager_model, fused_model = copy.deepcopy(base), copy.deepcopy(base)

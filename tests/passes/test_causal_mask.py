@@ -88,7 +88,7 @@ def test_mask_passed_into_checkpointed_layers(like_517):
     """Gradient checkpointing: each layer is a nested body whose SDPA reads the mask as an input;
     the pass follows it to what the caller passes (the 8B QLoRA step's case)."""
     model = _model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny.enable_checkpointing(model)
     batch = tiny.sample_batch(model.config, seq=12)
     del batch["attention_mask"]
     expected = model(**batch).loss

@@ -26,7 +26,7 @@ def _step(options, layers=2, checkpointing=False, autocast=False):
     torch.manual_seed(0)
     model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=64), init_lora_weights=False).train().to(DEVICE)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny.enable_checkpointing(model)
     batch = tiny.sample_batch(model.config, batch=2, seq=32, device=DEVICE)
     del batch["attention_mask"]
     report = slothc.Report()
