@@ -21,7 +21,10 @@ Variants (``--variants``):
   supports the architecture;
 - ``slothc``: ``torch.compile(model, backend="slothc", options={"logits": "drop"})`` (the step
   reads the loss only, as HF's Trainer does); ``slothc_cudagraphs``: the same with
-  ``mode="reduce-overhead"``;
+  ``mode="reduce-overhead"``. ``SLOTHC_BENCH_OPTIONS`` (JSON, recorded in the result) is merged
+  into both variants' options for A/B trials, e.g. ``'{"add_rms_norm": false}'``;
+  ``SLOTHC_BENCH_STACKS_AFTER_S``: a variant prints its Python stacks after that long (a stuck
+  variant's timeout then reports where it was);
 - ``unsloth``: ``FastLanguageModel.from_pretrained(folder, load_in_16bit=True or load_in_4bit=True,
   use_gradient_checkpointing=False)`` and its ``get_peft_model``, where it imports; otherwise the
   variant records why. ``SLOTHC_UNSLOTH_SITE``: a folder of unpacked packages put first on its
@@ -204,6 +207,7 @@ def _result(workload: Workload, results: dict, args) -> dict:
     return {"device": _device_name(args.device), "versions": _versions(), "workload": dataclasses.asdict(workload), "variants": results,
             "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
             "optimizer": args.optimizer, "guard_filter": args.guard_filter, "git_sha": os.environ.get("SLOTHC_GIT_SHA"),
+            "slothc_bench_options": json.loads(os.environ.get("SLOTHC_BENCH_OPTIONS") or "{}"),
             "triton_interpreter": interpreting() and not args.device.startswith("cuda")}
 
 
