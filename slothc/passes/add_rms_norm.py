@@ -232,11 +232,18 @@ class PostGradPass(_custom_graph_pass_base()):
             graph.lint()
         self.counts.append((forward, backward))
         if backward_graph and backward != self.backward_sites:
-            self._note(f"{backward} of the {self.backward_sites} gradient sums fused in the backward graph")
+            self._note(self._count_text(backward, self.backward_sites, "gradient sums", "backward"))
         if not backward_graph and forward != self.sites:
-            self._note(f"{forward} of the {self.sites} residual adds fused in the forward graph")
+            self._note(self._count_text(forward, self.sites, "residual adds", "forward"))
         if self.then is not None:
             self.then(graph)
+
+    @staticmethod
+    def _count_text(done: int, sites: int, what: str, graph: str) -> str:
+        if done > sites:  # an add in one checkpointed layer, its norm in the next: one graph once inlined
+            return (f"{done} {what} fused in the {graph} graph, {sites} of them reported as sites: the others "
+                    f"crossed the boundary of a nested graph (a checkpointed layer) until AOTAutograd inlined it")
+        return f"{done} of the {sites} {what} fused in the {graph} graph"
 
     def _note(self, text: str) -> None:
         note = f"graph {self.graph_index}: {NAME}: {text} (the report's sites were found before AOTAutograd)"
@@ -257,7 +264,10 @@ def post_grad_patches(gm: torch.fx.GraphModule, report, graph_index: int, opts) 
     """The Inductor config patch that runs :class:`PostGradPass` on this graph's forward and
     backward, after recording the sites in ``report``; ``{}`` when there is nothing to fuse."""
     before = report.count(NAME)
-    sites = sum(find_sites(graph, report, graph_index, opts.inner) for graph in [gm.graph])
+    from slothc.passes.meta import graphs
+
+    # nested graphs too (checkpointed layers): AOTAutograd inlines them, so the rewrite sees them
+    sites = sum(find_sites(graph, report, graph_index, opts.inner) for graph in graphs(gm))
     if not sites:
         return {}
     backward_sites = sum(1 for s in report.fused[NAME][before:] if s.variant == BOTH)

@@ -40,10 +40,12 @@ def rewrites(monkeypatch):
         yield seen
 
 
-def _step(options, dtype=torch.float32, train_norms=False, layers=2):
+def _step(options, dtype=torch.float32, train_norms=False, layers=2, checkpointing=False):
     torch.manual_seed(0)
     model = tiny.add_lora(tiny.tiny_model("llama", layers=layers, hidden=64), init_lora_weights=False).to(dtype)
     model.train().to(DEVICE)
+    if checkpointing:
+        tiny.enable_checkpointing(model.base_model.model)
     if train_norms:  # the norm weights' gradients too (dw in the fused backward)
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -145,3 +147,15 @@ def test_slothc_ops_are_inductor_fallbacks_before_inductor_meets_them(rewrites):
     for name in ops:
         packet = getattr(torch.ops.slothc, name.split("::", 1)[1])
         assert all(getattr(packet, o) in lowering.lowerings for o in packet.overloads()), name
+
+
+def test_checkpointed_layers(rewrites):
+    """Inside checkpointed layers: the same bits as without the fusion, and the adds whose norm is in
+    the next layer's graph (found only once AOTAutograd inlines the layers) said in a note."""
+    loss_on, grads_on, report = _step({}, checkpointing=True)
+    loss_off, grads_off, _ = _step({"add_rms_norm": False}, checkpointing=True)
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys()
+    assert all(torch.equal(grads_on[n], grads_off[n]) for n in grads_off)
+    sites = report.count("add_rms_norm")
+    assert sites >= 1 and sum(f for f, _ in rewrites) > sites, (sites, rewrites, str(report))
+    assert any("reported as sites: the others crossed the boundary of a nested graph" in n for n in report.notes), report.notes
