@@ -124,7 +124,12 @@ def module_path(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    paths = [entry[0] for entry in stack.values()]
+    # A module held in a global is not in the model's tree: transformers 5.25 calls functions such as
+    # apply_rotary_pos_emb through the `kernels` package's module wrappers (G['...'].apply_rotary_pos_emb);
+    # the site is then named after the model's module that called it.
+    in_tree = [p for p in paths if not p.startswith("G[")]
+    path = (in_tree or paths)[-1]
     path = path.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")
     path = _QUOTED.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)
