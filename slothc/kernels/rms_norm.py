@@ -436,12 +436,18 @@ def rms_norm_backward(
     compute_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dw)`` of ``slothc::rms_norm``; ``dw`` is an empty tensor unless ``compute_dw``."""
+    return _backward("slothc::rms_norm_backward", grad_out, x, weight, eps, offset, cast_before_weight, compute_dw)
+
+
+def _backward(op: str, grad_out, x, weight, eps, offset, cast_before_weight, compute_dw, grad_x=None):
+    """Both backward ops: the kernel where it runs, else the reference; ``dw`` empty unless ``compute_dw``."""
     if compute_dw and weight is None:
-        raise ValueError("slothc::rms_norm_backward: compute_dw=True needs a weight")
+        raise ValueError(f"{op}: compute_dw=True needs a weight")
+    extra = {"grad_x": grad_x} if grad_x is not None else {}
     if _use_kernel(x, weight):
-        dx, dw = rms_norm_bwd(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw)
+        dx, dw = rms_norm_bwd(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw, **extra)
     else:
-        dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw)
+        dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, offset, cast_before_weight, compute_dw, **extra)
         dx = dx.contiguous()
     return dx, dw if dw is not None else x.new_empty(0)
 
@@ -535,18 +541,11 @@ def add_rms_norm_backward(
     """``(ds, dw)``: the norm's ``ds`` plus ``grad_s``, the gradient of s's other uses (None: none),
     in s's dtype; ``dw`` is an empty tensor unless ``compute_dw``. The backward of ``add_rms_norm``
     (its x and residual both get ``ds``), and of a norm whose input has other uses."""
-    if compute_dw and weight is None:
-        raise ValueError("slothc::add_rms_norm_backward: compute_dw=True needs a weight")
     if grad_s is not None and (grad_s.shape != s.shape or grad_s.dtype != s.dtype):
         raise ValueError(f"slothc::add_rms_norm_backward: grad_s {tuple(grad_s.shape)} {grad_s.dtype} must have s's "
                          f"shape and dtype {tuple(s.shape)} {s.dtype}")
-    if _use_kernel(s, weight):
-        ds, dw = rms_norm_bwd(grad_out, s, weight, eps, offset, cast_before_weight, compute_dw, grad_x=grad_s)
-    else:
-        ds, dw = rms_norm_backward_reference(grad_out, s, weight, eps, offset, cast_before_weight, compute_dw,
-                                             grad_x=grad_s)
-        ds = ds.contiguous()
-    return ds, dw if dw is not None else s.new_empty(0)
+    return _backward("slothc::add_rms_norm_backward", grad_out, s, weight, eps, offset, cast_before_weight, compute_dw,
+                     grad_x=grad_s)
 
 
 @add_rms_norm_backward.register_fake

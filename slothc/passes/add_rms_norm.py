@@ -29,6 +29,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
 import slothc.kernels.rms_norm  # noqa: F401  (registers the ops)
@@ -47,8 +48,8 @@ BOTH = "forward and backward"
 FORWARD_ONLY = "forward (the sum has no other use, so no gradient sum to fuse)"
 
 
-def _is_norm(node: Node, target) -> bool:
-    return node.op == "call_function" and node.target in target
+def _calls(node: Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
 
 
 _RMS_NORM = (torch.ops.slothc.rms_norm.default, torch.ops.slothc.rms_norm)
@@ -82,7 +83,7 @@ def find_sites(graph: Graph, report, graph_index: int, inner: str) -> int:
     sites = 0
     left = 0
     for norm in graph.nodes:
-        if not _is_norm(norm, _RMS_NORM):
+        if not _calls(norm, _RMS_NORM):
             continue
         add = norm.args[0]
         if not (isinstance(add, Node) and add.op == "call_function" and add.target in (operator.add, torch.add)):
@@ -123,10 +124,10 @@ def fuse_forward(graph: Graph) -> int:
     """``s = aten.add(x, r); y = slothc.rms_norm(s, ...)`` -> ``s, y = slothc.add_rms_norm(x, r, ...)``."""
     fused = 0
     for norm in list(graph.nodes):
-        if not _is_norm(norm, _RMS_NORM):
+        if not _calls(norm, _RMS_NORM):
             continue
         add = norm.args[0]
-        if not (isinstance(add, Node) and _is_norm(add, _ATEN_ADD)) or len(add.args) != 2 or add.kwargs:
+        if not (isinstance(add, Node) and _calls(add, _ATEN_ADD)) or len(add.args) != 2 or add.kwargs:
             continue
         x, r = add.args
         s_val, y_val = val(add), val(norm)
@@ -162,14 +163,14 @@ def fuse_backward(graph: Graph) -> int:
     fused = 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     for bwd in list(graph.nodes):
-        if not _is_norm(bwd, _RMS_NORM_BACKWARD):
+        if not _calls(bwd, _RMS_NORM_BACKWARD):
             continue
         items = {u.args[1]: u for u in bwd.users if u.op == "call_function" and u.target is operator.getitem}
         dx = items.get(0)
         if dx is None or len(bwd.users) != len(items) or len(dx.users) != 1:
             continue
         (add,) = dx.users
-        if not _is_norm(add, _ATEN_ADD) or len(add.args) != 2 or add.kwargs:
+        if not _calls(add, _ATEN_ADD) or len(add.args) != 2 or add.kwargs:
             continue
         other = add.args[1] if add.args[0] is dx else add.args[0]
         dx_val = val(dx)
@@ -203,16 +204,7 @@ def fuse_backward(graph: Graph) -> int:
     return fused
 
 
-def _custom_graph_pass_base():
-    try:
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-
-        return CustomGraphPass
-    except ImportError:  # an older torch: a plain callable (Inductor then does not cache the graph)
-        return object
-
-
-class PostGradPass(_custom_graph_pass_base()):
+class PostGradPass(CustomGraphPass):
     """Inductor's ``post_grad_custom_post_pass`` for one compiled graph: rewrites its forward and
     backward, and checks the counts against the sites found before AOTAutograd. ``then``: a pass
     the user had configured, run after this one."""
@@ -226,7 +218,7 @@ class PostGradPass(_custom_graph_pass_base()):
     def __call__(self, graph: Graph) -> None:
         # The backward graph is the one with norm backwards (its recomputed norms read saved inputs,
         # never an add); any other is the forward (or an inference graph).
-        backward_graph = any(_is_norm(n, _RMS_NORM_BACKWARD) for n in graph.nodes)
+        backward_graph = any(_calls(n, _RMS_NORM_BACKWARD) for n in graph.nodes)
         forward, backward = fuse_forward(graph), fuse_backward(graph)
         if forward or backward:
             graph.lint()
@@ -251,8 +243,6 @@ class PostGradPass(_custom_graph_pass_base()):
             self.report.notes.append(note)
 
     def uuid(self):
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
         import slothc.kernels.rms_norm as kernels
 
         own = get_hash_for_files((__file__, kernels.__file__))
