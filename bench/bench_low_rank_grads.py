@@ -98,6 +98,9 @@ def main() -> int:
 
     def record(row):
         rows_out.append(row)
+        if args.out:  # as it goes: a run stopped at its time limit keeps what it measured
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
         print(f"{row['workload']} {row['projection']:<9} {row['shape'][0]}x{row['shape'][1]} {row['provider']:<7}"
               f"{row.get('config', '')!s:<40} {row['median_ms'] * 1e3:7.1f} us {row['frac_copy_bw']:5.0%} of copy",
               flush=True)
@@ -137,10 +140,6 @@ def main() -> int:
                       config={k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "per_sm", "n_col_blocks", "splits")})
             finally:
                 lora_module.low_rank_config = default_config
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in rows_out:
-                f.write(json.dumps(row) + "\n")
     return 0
 
 
