@@ -64,20 +64,21 @@ def _configs(n, m, sms):
     """The sweep: BLOCK_M x BLOCK_N x warps x programs an SM (the row splits follow)."""
     from slothc.kernels._launch import cdiv
 
-    for block_m, block_n, warps, per_sm in itertools.product((128, 256, 512), (32, 64), (4, 8), (1, 2, 4)):
+    for block_m, block_n, warps, per_sm, db_t, stages in itertools.product((256, 512), (32, 64), (4, 8), (1,), (False, True), (2, 4)):
         if block_m > max(16, 1 << (m - 1).bit_length()):
             continue
         n_c = cdiv(m, block_m)
         splits = max(1, min(cdiv(per_sm * sms, n_c), cdiv(n, 4 * block_n)))
         rows = cdiv(cdiv(n, splits), block_n) * block_n
         yield dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_R=RANK, num_warps=warps, n_col_blocks=n_c,
-                   splits=cdiv(n, rows), rows_per_split=rows, per_sm=per_sm)
+                   splits=cdiv(n, rows), rows_per_split=rows, per_sm=per_sm, DB_T=db_t, num_stages=stages)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSONL file to append the rows to")
     ap.add_argument("--sweep", action="store_true", help="also time the kernel's other tile and grid choices")
+    ap.add_argument("--only-sweep-shapes", action="store_true", help="only (a)'s q/o/down and gate/up and (b)'s gate/up")
     args = ap.parse_args()
     import triton
     from triton.testing import do_bench
@@ -105,7 +106,7 @@ def main() -> int:
               f"{row.get('config', '')!s:<40} {row['median_ms'] * 1e3:7.1f} us {row['frac_copy_bw']:5.0%} of copy",
               flush=True)
 
-    for workload, proj, n, m in SHAPES:
+    for workload, proj, n, m in SHAPES if not args.only_sweep_shapes else [s for s in SHAPES if s[1] != "k/v" and (s[0] == "a" or s[1] == "gate/up")]:
         g = torch.Generator(device=dev).manual_seed(0)
         dy = torch.randn(n, m, device=dev, dtype=torch.bfloat16, generator=g)
         t = torch.randn(n, RANK, device=dev, dtype=torch.bfloat16, generator=g)
@@ -137,7 +138,8 @@ def main() -> int:
                     print(f"  {c}: result differs from the default's; not timed", flush=True)
                     continue
                 timed("sweep", lambda: lora_module.low_rank_grads_triton(*call),
-                      config={k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "per_sm", "n_col_blocks", "splits")})
+                      config={k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "per_sm", "n_col_blocks", "splits", "DB_T",
+                                            "num_stages")})
             finally:
                 lora_module.low_rank_config = default_config
     return 0

@@ -328,6 +328,7 @@ def _low_rank_grads_kernel(
     DB_FINAL: tl.constexpr,
     DOT_FP32: tl.constexpr,  # products of fp32 values in fp32 (no TF32): fp32 adapters, and the interpreter,
     # whose 16-bit dot is not the GPU's (16-bit values are exact in fp32, and their products too)
+    DB_T: tl.constexpr = False,  # dB^T = T^T dY (dY as the B operand, untransposed) instead of dY^T T
 ):
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -337,7 +338,10 @@ def _low_rank_grads_kernel(
     mask_r = offs_r < R
     b = tl.load(b_ptr + offs_m[:, None] * stride_b_m + offs_r[None, :] * stride_b_r,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    acc_db = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DB_T:
+        acc_db = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_db = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     for n0 in range(row_start, row_end, BLOCK_N):
@@ -351,23 +355,35 @@ def _low_rank_grads_kernel(
         if DOT_FP32:
             dy32 = dy.to(tl.float32)
             g = tl.dot(dy32, b.to(tl.float32), input_precision="ieee")
-            acc_db = tl.dot(tl.trans(dy32), t.to(tl.float32), acc_db, input_precision="ieee")
+            if DB_T:
+                acc_db = tl.dot(tl.trans(t.to(tl.float32)), dy32, acc_db, input_precision="ieee")
+            else:
+                acc_db = tl.dot(tl.trans(dy32), t.to(tl.float32), acc_db, input_precision="ieee")
         else:
             g = tl.dot(dy, b)
-            acc_db = tl.dot(tl.trans(dy), t, acc_db)
+            if DB_T:
+                acc_db = tl.dot(tl.trans(t), dy, acc_db)
+            else:
+                acc_db = tl.dot(tl.trans(dy), t, acc_db)
         if G_FINAL:
             tl.store(g_ptr + rows[:, None] * stride_g_n + offs_r[None, :] * stride_g_r, g.to(LORA_DTYPE),
                      mask=mask_n[:, None] & mask_r[None, :])
         else:
             tl.store(g_ptr + pid_c * stride_g_c + rows[:, None] * stride_g_n + offs_r[None, :] * stride_g_r, g,
                      mask=mask_n[:, None])
+    if DB_T:
+        db_offs = offs_r[:, None] * stride_db_r + offs_m[None, :] * stride_db_m
+        db_mask = mask_r[:, None] & mask_m[None, :]
+        part_mask = mask_m[None, :]
+    else:
+        db_offs = offs_m[:, None] * stride_db_m + offs_r[None, :] * stride_db_r
+        db_mask = mask_m[:, None] & mask_r[None, :]
+        part_mask = mask_m[:, None]
     if DB_FINAL:
         out = (acc_db * db_scale).to(LORA_DTYPE).to(db_ptr.dtype.element_ty)
-        tl.store(db_ptr + offs_m[:, None] * stride_db_m + offs_r[None, :] * stride_db_r, out,
-                 mask=mask_m[:, None] & mask_r[None, :])
+        tl.store(db_ptr + db_offs, out, mask=db_mask)
     else:
-        tl.store(db_ptr + pid_s * stride_db_s + offs_m[:, None] * stride_db_m + offs_r[None, :] * stride_db_r, acc_db,
-                 mask=mask_m[:, None])
+        tl.store(db_ptr + pid_s * stride_db_s + db_offs, acc_db, mask=part_mask)
 
 
 @triton.jit
@@ -485,6 +501,7 @@ def low_rank_grads_triton(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dt
                 n, m, r, cfg["rows_per_split"], float(scaling[members[0]]),
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=block_r, LORA_DTYPE=_TL_DTYPES[lora_dtype],
                 G_FINAL=g_final, DB_FINAL=db_final, DOT_FP32=lora_dtype == torch.float32 or interpreting(), num_warps=cfg["num_warps"],
+                **{k: cfg[k] for k in ("DB_T", "num_stages") if k in cfg},
             )
             col = 0
             for i, rank in zip(members, ranks):
