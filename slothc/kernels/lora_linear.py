@@ -24,9 +24,8 @@ Matmul order, so that each big operand is read as few times as possible:
   ``Y = C + X W^T`` as one cuBLAS ``addmm`` (C read in its epilogue: the update costs one read of Y's
   size, no separate add pass). The scale is folded into the small ``B`` (``s B``: M x r values), not
   applied to Y.
-- backward: ``G = dY (s B)`` and ``dB = s dY^T T`` from one read of dY (a Triton kernel where
-  Triton runs, see ``_low_rank_grads_kernel``; two BLAS products elsewhere), ``dX = G A + dY W``
-  (``addmm``, one more per projection), ``dA = G^T X`` (reads X).
+- backward: ``G = dY (s B)`` (reads dY), ``dX = G A + dY W`` (``addmm``, one more per projection),
+  ``dA = G^T X`` (reads X), ``dB = s dY^T T`` (reads dY).
 
 Saved for the backward: X (needed for dA anyway) and the small T; the base output is not kept.
 
@@ -48,22 +47,16 @@ otherwise (e.g. a bf16 model with fp32 adapters and no autocast: eager computes 
 bf16 and the update in fp32 and adds in fp32) the base and the update are computed separately in their
 dtypes and summed in the promoted dtype, like eager.
 
-The op runs the same code on CPU and CUDA (the matmuls are the vendor BLAS, and G and dB the Triton
-kernel on CUDA or under the interpreter); it is a custom op so that
+The op runs the same code on CPU and CUDA (the matmuls are the vendor BLAS); it is a custom op so that
 Inductor treats it as one opaque call and AOTAutograd uses the backward above.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
-
-from slothc.kernels._launch import KERNEL_DTYPES, cdiv, device_guard, interpreting, next_power_of_2, num_sms, use_triton
 
 
 def _mm_plus_low_rank(p, q, l, r, bias=None, shape=None):
@@ -245,17 +238,7 @@ def lora_linear_fwd(x, weights, biases, lora_a, lora_b, scaling, adapter_proj, b
 def low_rank_grads(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n):
     """``(G, [dB_i])`` of the backward (module docstring): ``G = [s_i dY_p B_i for every adapter i]``
     [N, sum r] in ``lora_dtype`` (None without adapters), ``dB_i = s_i dY_p^T T_i``. ``dys``: each
-    projection's [N, M_p] gradient, or None where it got none. Called with autocast off.
-
-    Where Triton runs (:func:`low_rank_kernel_fits`), each projection's G and dB come from one
-    kernel that reads dY once (:func:`low_rank_grads_triton`); otherwise from two BLAS products,
-    each reading dY."""
-    if t.shape[1] and low_rank_kernel_fits(dys, t, lora_a, adapter_proj, lora_dtype, n):
-        return low_rank_grads_triton(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n)
-    return _low_rank_grads_blas(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n)
-
-
-def _low_rank_grads_blas(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n):
+    projection's [N, M_p] gradient, or None where it got none. Called with autocast off."""
     offsets = _offsets(lora_a)
     dyls = [dy.to(lora_dtype) if dy is not None else None for dy in dys]
     gs, db = [], []
@@ -277,242 +260,6 @@ def _low_rank_grads_blas(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dty
             db_i = dyl.t() @ t_i
         db.append(db_i.to(lora_b[i].dtype))
     g_all = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)) if offsets[-1] else None
-    return g_all, db
-
-
-# --------------------------------------------------------------------------------------------
-# G and dB in one pass over dY (Triton)
-# --------------------------------------------------------------------------------------------
-#
-# For one projection, with its adapters' s B side by side ([M, R]) and their T columns ([N, R]):
-#
-#     G  = dY (s B)      [N, R]   a sum over dY's columns
-#     dB = s dY^T T      [M, R]   a sum over dY's rows
-#
-# The BLAS path reads dY (the largest tensor of the backward after the weights) once for each. The
-# kernel tiles dY into [BLOCK_N, BLOCK_M] tiles and computes both products from each tile it loads.
-# Program (c, s) owns the columns of block c and the rows of split s: its dB rows stay in fp32
-# registers over its rows, and each row block's G is complete over its columns. Neither sum is
-# complete in one program (G over the column blocks, dB over the row splits), so each program
-# writes fp32 partial sums, [C, N, BLOCK_R] for G and [S, M, BLOCK_R] for dB, which a second kernel
-# adds up in a fixed order, scales and rounds once (no atomics: the same bits every run). Where
-# one column block covers M (C = 1) G is written directly, and dB likewise where S = 1. The
-# partials cost (32 / BLOCK_M + 32 S / N) of dY's bytes for R <= 16 and bf16 dY.
-#
-# Rounding is the BLAS path's: dY is cast to the adapters' dtype (as ``dy.to(lora_dtype)``), the
-# products accumulate in fp32, dB is scaled in fp32 (cuBLAS's alpha) and each result is rounded
-# once to ``lora_dtype``. fp32 adapters take IEEE fp32 products (torch's matmuls default to no TF32).
-
-# ``SLOTHC_LOW_RANK_KERNEL=0`` takes the BLAS path everywhere (to measure one against the other).
-LOW_RANK_KERNEL = os.environ.get("SLOTHC_LOW_RANK_KERNEL", "1") != "0"
-# A projection's adapters' total rank up to which the kernel runs: its dB block is
-# BLOCK_M x BLOCK_R fp32 values in registers, so BLOCK_M shrinks as R grows.
-MAX_KERNEL_RANK = 128
-
-
-@triton.jit
-def _low_rank_grads_kernel(
-    dy_ptr, stride_dy_n, stride_dy_m,  # dY [N, M], any dtype (cast to LORA_DTYPE on load)
-    b_ptr, stride_b_m, stride_b_r,  # s B [M, R], LORA_DTYPE
-    t_ptr, stride_t_n, stride_t_r,  # T [N, R], LORA_DTYPE
-    g_ptr, stride_g_c, stride_g_n, stride_g_r,  # G: fp32 partials [C, N, BLOCK_R], or [N, R] if G_FINAL
-    db_ptr, stride_db_s, stride_db_m, stride_db_r,  # dB: fp32 partials [S, M, BLOCK_R], or [M, R] if DB_FINAL
-    N, M, R,
-    rows_per_split,  # rows of one split (a multiple of BLOCK_N)
-    db_scale,  # s, applied to dB when DB_FINAL
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    LORA_DTYPE: tl.constexpr,
-    G_FINAL: tl.constexpr,
-    DB_FINAL: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # products of fp32 values in fp32 (no TF32): fp32 adapters, and the interpreter,
-    # whose 16-bit dot is not the GPU's (16-bit values are exact in fp32, and their products too)
-    DB_T: tl.constexpr = False,  # dB^T = T^T dY (dY as the B operand, untransposed) instead of dY^T T
-):
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    b = tl.load(b_ptr + offs_m[:, None] * stride_b_m + offs_r[None, :] * stride_b_r,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    if DB_T:
-        acc_db = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-    else:
-        acc_db = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
-    for n0 in range(row_start, row_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < row_end
-        rows = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_n + offs_m[None, :] * stride_dy_m,
-                     mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(LORA_DTYPE)
-        t = tl.load(t_ptr + rows[:, None] * stride_t_n + offs_r[None, :] * stride_t_r,
-                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        if DOT_FP32:
-            dy32 = dy.to(tl.float32)
-            g = tl.dot(dy32, b.to(tl.float32), input_precision="ieee")
-            if DB_T:
-                acc_db = tl.dot(tl.trans(t.to(tl.float32)), dy32, acc_db, input_precision="ieee")
-            else:
-                acc_db = tl.dot(tl.trans(dy32), t.to(tl.float32), acc_db, input_precision="ieee")
-        else:
-            g = tl.dot(dy, b)
-            if DB_T:
-                acc_db = tl.dot(tl.trans(t), dy, acc_db)
-            else:
-                acc_db = tl.dot(tl.trans(dy), t, acc_db)
-        if G_FINAL:
-            tl.store(g_ptr + rows[:, None] * stride_g_n + offs_r[None, :] * stride_g_r, g.to(LORA_DTYPE),
-                     mask=mask_n[:, None] & mask_r[None, :])
-        else:
-            tl.store(g_ptr + pid_c * stride_g_c + rows[:, None] * stride_g_n + offs_r[None, :] * stride_g_r, g,
-                     mask=mask_n[:, None])
-    if DB_T:
-        db_offs = offs_r[:, None] * stride_db_r + offs_m[None, :] * stride_db_m
-        db_mask = mask_r[:, None] & mask_m[None, :]
-        part_mask = mask_m[None, :]
-    else:
-        db_offs = offs_m[:, None] * stride_db_m + offs_r[None, :] * stride_db_r
-        db_mask = mask_m[:, None] & mask_r[None, :]
-        part_mask = mask_m[:, None]
-    if DB_FINAL:
-        out = (acc_db * db_scale).to(LORA_DTYPE).to(db_ptr.dtype.element_ty)
-        tl.store(db_ptr + db_offs, out, mask=db_mask)
-    else:
-        tl.store(db_ptr + pid_s * stride_db_s + db_offs, acc_db, mask=part_mask)
-
-
-@triton.jit
-def _sum_partials_kernel(
-    p_ptr, stride_p_p, stride_p_l,  # fp32 partials [P, L, >= col0 + n_cols], unit column stride
-    out_ptr, stride_o_l, stride_o_c,  # [L, n_cols]
-    P, L, col0, n_cols,
-    scale,  # applied in fp32 before the rounding
-    BLOCK_L: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ROUND_DTYPE: tl.constexpr,  # rounded through this dtype, then stored in out's
-):
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask = (offs_l < L)[:, None] & (offs_c < n_cols)[None, :]
-    ptrs = p_ptr + offs_l[:, None].to(tl.int64) * stride_p_l + (col0 + offs_c)[None, :]
-    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    for p in range(0, P):  # in order: the same sum every run
-        acc += tl.load(ptrs + p * stride_p_p, mask=mask, other=0.0)
-    out = (acc * scale).to(ROUND_DTYPE).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_l[:, None].to(tl.int64) * stride_o_l + offs_c[None, :] * stride_o_c, out, mask=mask)
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def low_rank_config(n: int, m: int, r: int, device: torch.device) -> dict:
-    """Tiles and grid of :func:`_low_rank_grads_kernel` for dY [n, m] and total rank r.
-
-    BLOCK_M x BLOCK_R fp32 values of dB stay in registers (8192 a program: 32 a thread with 8
-    warps); wide column blocks keep G's partials small (32 / BLOCK_M of dY's bytes at R = 16).
-    The row splits S fill about two programs an SM, each with at least four row blocks. Under
-    the interpreter the tiles are 16 wide so that the small test shapes take several column blocks
-    and row splits (the partial sums and their masks are exercised)."""
-    block_r = max(16, next_power_of_2(r))
-    if interpreting() and device.type == "cpu":
-        block_m, block_n, warps = 16, 16, 4
-    else:
-        block_m = max(16, min(next_power_of_2(m), 8192 // block_r))
-        block_n = 32
-        warps = 8 if block_m >= 256 else 4
-    n_col_blocks = cdiv(m, block_m)
-    target = 2 * num_sms(device)
-    splits = max(1, min(cdiv(target, n_col_blocks), cdiv(n, 4 * block_n)))
-    rows_per_split = cdiv(cdiv(n, splits), block_n) * block_n
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps,
-                n_col_blocks=n_col_blocks, splits=cdiv(n, rows_per_split), rows_per_split=rows_per_split)
-
-
-def low_rank_kernel_fits(dys, t, lora_a, adapter_proj, lora_dtype, n) -> bool:
-    """Whether :func:`low_rank_grads` takes the Triton kernel: Triton runs for these tensors, the
-    dtypes are the kernel's, and each projection's adapters have a total rank <= MAX_KERNEL_RANK."""
-    if not LOW_RANK_KERNEL or n == 0 or not use_triton(t) or lora_dtype not in KERNEL_DTYPES:
-        return False
-    for p, members in enumerate(_groups(adapter_proj, len(dys))):
-        if members and dys[p] is not None:
-            if dys[p].dtype not in KERNEL_DTYPES or dys[p].shape[1] == 0:
-                return False
-            if sum(lora_a[i].shape[0] for i in members) > MAX_KERNEL_RANK:
-                return False
-    return True
-
-
-def _sum_partials(partial, out, col0, scale, round_dtype):
-    """``out = (scale * partial[:, :, col0 : col0 + out.shape[1]].sum(0))`` rounded through ``round_dtype``."""
-    n_parts, length, _ = partial.shape
-    n_cols = out.shape[1]
-    block_c = max(16, next_power_of_2(n_cols))
-    block_l = max(16, 4096 // block_c)
-    _sum_partials_kernel[(cdiv(length, block_l),)](
-        partial, partial.stride(0), partial.stride(1), out, out.stride(0), out.stride(1),
-        n_parts, length, col0, n_cols, scale,
-        BLOCK_L=block_l, BLOCK_C=block_c, ROUND_DTYPE=_TL_DTYPES[round_dtype], num_warps=4,
-    )
-
-
-def low_rank_grads_triton(dys, t, lora_a, lora_b, scaling, adapter_proj, lora_dtype, n):
-    """:func:`low_rank_grads` with one :func:`_low_rank_grads_kernel` a projection (see above)."""
-    offsets = _offsets(lora_a)
-    g_all = t.new_empty((n, offsets[-1]), dtype=lora_dtype)
-    db: list[Optional[torch.Tensor]] = [None] * len(lora_a)
-    with device_guard(t):
-        for p, members in enumerate(_groups(adapter_proj, len(dys))):
-            if not members:
-                continue
-            dy = dys[p]
-            if dy is None:  # the projection's output got no gradient
-                for i in members:
-                    g_all[:, offsets[i] : offsets[i + 1]].zero_()
-                    db[i] = torch.zeros_like(lora_b[i])
-                continue
-            m = dy.shape[1]
-            ranks = [lora_a[i].shape[0] for i in members]
-            r = sum(ranks)
-            side_by_side = members == list(range(members[0], members[-1] + 1))
-            scaled = [_scaled_b(lora_b, scaling, i, lora_dtype) for i in members]
-            b_p = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
-            cols = [slice(offsets[i], offsets[i + 1]) for i in members]
-            t_p = t[:, offsets[members[0]] : offsets[members[-1] + 1]] if side_by_side else torch.cat([t[:, c] for c in cols], 1)
-            cfg = low_rank_config(n, m, r, t.device)
-            n_c, n_s, block_r = cfg["n_col_blocks"], cfg["splits"], cfg["BLOCK_R"]
-            g_final = n_c == 1 and side_by_side
-            db_final = n_s == 1 and len(members) == 1
-            g_out = g_all[:, offsets[members[0]] : offsets[members[-1] + 1]] if g_final else \
-                torch.empty((n_c, n, block_r), dtype=torch.float32, device=t.device)
-            if db_final:
-                db_out = torch.empty(lora_b[members[0]].shape, dtype=lora_b[members[0]].dtype, device=t.device)
-            else:
-                db_out = torch.empty((n_s, m, block_r), dtype=torch.float32, device=t.device)
-            g_strides = (0, *g_out.stride()) if g_final else g_out.stride()
-            db_strides = (0, *db_out.stride()) if db_final else db_out.stride()
-            _low_rank_grads_kernel[(n_c, n_s)](
-                dy, dy.stride(0), dy.stride(1), b_p, b_p.stride(0), b_p.stride(1), t_p, t_p.stride(0), t_p.stride(1),
-                g_out, *g_strides, db_out, *db_strides,
-                n, m, r, cfg["rows_per_split"], float(scaling[members[0]]),
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_R=block_r, LORA_DTYPE=_TL_DTYPES[lora_dtype],
-                G_FINAL=g_final, DB_FINAL=db_final, DOT_FP32=lora_dtype == torch.float32 or interpreting(), num_warps=cfg["num_warps"],
-                **{k: cfg[k] for k in ("DB_T", "num_stages") if k in cfg},
-            )
-            col = 0
-            for i, rank in zip(members, ranks):
-                if not g_final:
-                    _sum_partials(g_out, g_all[:, offsets[i] : offsets[i + 1]], col, 1.0, lora_dtype)
-                if db_final:
-                    db[i] = db_out
-                else:
-                    db[i] = torch.empty(lora_b[i].shape, dtype=lora_b[i].dtype, device=t.device)
-                    _sum_partials(db_out, db[i], col, float(scaling[i]), lora_dtype)
-                col += rank
     return g_all, db
 
 
