@@ -64,6 +64,7 @@ import datetime
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -777,9 +778,16 @@ def merge(results: list) -> dict:
     return merged
 
 
+def device_tag(name: str) -> str:
+    """The file names' device: the model number in a CUDA device's name ("NVIDIA H100 80GB HBM3"
+    -> "h100", "NVIDIA H200" -> "h200"), else its last word."""
+    models = [w for w in re.split(r"[\s-]+", name) if re.fullmatch(r"[A-Za-z]{1,3}\d{2,4}[A-Za-z]?", w)]
+    return (models[0] if models else name.split()[-1]).lower()
+
+
 def _write(result: dict, name: str, out_dir: str, cuda: bool) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    tag = "cpu" if not cuda else result["device"].split()[-1].lower()
+    tag = "cpu" if not cuda else device_tag(result["device"])
     stem = os.path.join(out_dir, f"{result['date']}-{tag}-train-{name}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -266,3 +266,11 @@ def test_markdown_gives_the_host_time_before_the_first_replay():
     table = train_bench.markdown(result)
     assert "slothc_cudagraphs: 9.9 ms a step (median, no profiler)" in table
     assert sum("first CUDA-graph replay" in line for line in table.splitlines()) == 1  # the variant that has it
+
+
+def test_device_tag_names_the_model_not_the_memory():
+    # "NVIDIA H100 80GB HBM3" once gave files named "-hbm3-train-a" (its last word).
+    assert train_bench.device_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert train_bench.device_tag("NVIDIA H200") == "h200"
+    assert train_bench.device_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    assert train_bench.device_tag("Some Accelerator") == "accelerator"
